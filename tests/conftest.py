@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def tiny_config(**overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(REPO), trust_remote_code=True, **{**TINY, **overrides})
+
+
+def tiny_model(auto_class="AutoModelForMaskedLM", seed=0, **overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cls = getattr(transformers, auto_class)
+    return cls.from_config(tiny_config(**overrides), trust_remote_code=True).eval()
+
+
+def package_module(model, name="modeling_bert"):
+    """The loaded remote-code module `name` that `model` came from."""
+    package = type(model).__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.{name}"]
+
+
+@pytest.fixture
+def repo():
+    return REPO

@@ -1,0 +1,434 @@
+"""The encoder and every head against an independent padded float64 reference (tests/reference.py)."""
+
+import math
+
+import pytest
+import torch
+from conftest import REPO, package_module, tiny_config, tiny_model
+from reference import closed_form_slopes, reference_encoder, reference_mlm_logits
+
+
+def ragged_batch(lengths, vocab=99, seed=0, seqlen=None):
+    g = torch.Generator().manual_seed(seed)
+    seqlen = seqlen or max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), seqlen), generator=g)
+    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids * mask, mask
+
+
+def assert_close_rel(actual, expected, rtol=1e-5):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= rtol * max(scale, 1.0), f"max abs error {err:.3e} vs scale {scale:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------ ALiBi
+
+
+@pytest.mark.parametrize("heads", range(1, 33))
+def test_alibi_slopes_closed_form(heads):
+    model = tiny_model(num_attention_heads=1, hidden_size=32)
+    slopes = package_module(model).alibi_slopes(heads)
+    assert slopes.dtype == torch.float32
+    torch.testing.assert_close(slopes, torch.tensor(closed_form_slopes(heads), dtype=torch.float32))
+
+
+def test_alibi_slopes_twelve_heads_match_architecture_notes():
+    model = tiny_model()
+    expected = [2.0**-k for k in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5]
+    torch.testing.assert_close(package_module(model).alibi_slopes(12), torch.tensor(expected))
+
+
+def test_slopes_buffer_filled_on_init_and_exact_after_cast():
+    model = tiny_model()
+    enc = model.bert.encoder
+    torch.testing.assert_close(enc.alibi_slopes, torch.tensor(closed_form_slopes(4), dtype=torch.float32))
+    assert "bert.encoder.alibi_slopes" not in model.state_dict()
+    model.to(torch.bfloat16)
+    assert enc.slopes().dtype == torch.float32
+    torch.testing.assert_close(enc.slopes(), torch.tensor(closed_form_slopes(4), dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("heads", [1, 3, 4, 6])
+def test_encoder_matches_reference_fp32(heads):
+    model = tiny_model("AutoModel", num_attention_heads=heads, hidden_size=48)
+    ids, mask = ragged_batch([7, 1, 12, 4])
+    tt = (torch.arange(12) >= 5).long().expand(4, -1) * mask
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    sd = {"bert." + k: v for k, v in model.state_dict().items()}
+    ref, ref_hidden, _ = reference_encoder(sd, model.config, ids, mask, tt, return_probs=True)
+    assert_close_rel(out.last_hidden_state, ref)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    for ours, theirs in zip(out.hidden_states, ref_hidden):
+        assert_close_rel(ours, theirs)
+    assert (out.last_hidden_state[mask == 0] == 0).all()
+    pooled = torch.tanh(ref[:, 0] @ sd["bert.pooler.dense.weight"].double().T + sd["bert.pooler.dense.bias"].double())
+    assert_close_rel(out.pooler_output, pooled)
+
+
+def test_mlm_logits_and_attentions_match_reference():
+    model = tiny_model()
+    ids, mask = ragged_batch([9, 3, 6])
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    sd = model.state_dict()
+    hidden, _, probs = reference_encoder(sd, model.config, ids, mask, return_probs=True)
+    ref_logits = reference_mlm_logits(sd, model.config, hidden)
+    valid = mask.bool()
+    assert_close_rel(out.logits[valid], ref_logits[valid])
+    assert out.logits.shape == (3, 9, model.config.vocab_size)
+    for ours, theirs in zip(out.attentions, probs):
+        assert ours.shape == (3, 4, 9, 9)
+        assert_close_rel(ours * valid[:, None, :, None], theirs)
+
+
+def test_padding_invariance_row_alone_vs_ragged_batch():
+    model = tiny_model("AutoModel")
+    ids, mask = ragged_batch([5, 11, 1, 8], seed=3)
+    batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for i, n in enumerate([5, 11, 1, 8]):
+        alone = model(input_ids=ids[i : i + 1, :n]).last_hidden_state
+        torch.testing.assert_close(batched[i, :n], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_left_padding_counts_positions_among_valid_tokens():
+    model = tiny_model("AutoModel")
+    ids, _ = ragged_batch([6], seed=4)
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    out = model(input_ids=left, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out[0, 3:], model(input_ids=ids).last_hidden_state[0], rtol=1e-5, atol=1e-6)
+    assert (out[0, :3] == 0).all()
+
+
+def test_packed_input_equals_padded_batch():
+    model = tiny_model()
+    lengths = [4, 7, 1, 5]
+    ids, mask = ragged_batch(lengths, seed=5)
+    padded = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    packed_ids = ids[mask.bool()][None]  # (1, t)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    by_positions = model(input_ids=packed_ids, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(by_positions, padded, rtol=1e-5, atol=1e-5)
+    cu = torch.tensor([0, 4, 11, 12, 17], dtype=torch.int32)
+    by_cu = model(input_ids=packed_ids, cu_seqlens=cu, max_seqlen=7).logits[0]
+    torch.testing.assert_close(by_cu, padded, rtol=1e-5, atol=1e-5)
+    # Attention probabilities of a packed row are block diagonal.
+    att = model(input_ids=packed_ids, cu_seqlens=cu, output_attentions=True).attentions[0][0]
+    assert att[:, :4, 4:].abs().max() == 0 and att[:, 4:11, :4].abs().max() == 0
+
+
+def test_data_collator_with_flattening_output_is_accepted():
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model()
+    feats = [{"input_ids": [2, 5, 7], "labels": [2, 5, 7]}, {"input_ids": [9, 4], "labels": [9, 4]}]
+    batch = DataCollatorWithFlattening(return_position_ids=True)(feats)
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    alone = model(input_ids=torch.tensor([[9, 4]])).logits[0]
+    torch.testing.assert_close(out.logits[0, 3:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_length_beyond_alibi_starting_size_equals_larger_config():
+    small = tiny_model("AutoModel", alibi_starting_size=8)
+    large = tiny_model("AutoModel", alibi_starting_size=64)
+    large.load_state_dict(small.state_dict())
+    ids, mask = ragged_batch([32, 20], seed=6)
+    torch.testing.assert_close(
+        small(input_ids=ids, attention_mask=mask).last_hidden_state,
+        large(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_edge_rows_finite_and_correct_in_every_dtype(dtype):
+    model = tiny_model("AutoModel", alibi_starting_size=16)
+    lengths = [64, 1, 0, 37]  # 4x alibi_starting_size, a length-1 row, an all-padding row
+    ids, mask = ragged_batch(lengths, seed=7)
+    sd = {"bert." + k: v for k, v in model.state_dict().items()}
+    ref = reference_encoder(sd, model.config, ids, mask)
+    model.to(dtype)
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out[2] == 0).all()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
+    assert_close_rel(out, ref, rtol=tol)
+
+
+def test_fp32_stays_fp32_and_autocast_is_respected():
+    model = tiny_model()
+    ids, mask = ragged_batch([5, 3])
+    assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits.float()).all()
+
+
+def test_inputs_embeds_equals_input_ids():
+    model = tiny_model("AutoModel")
+    ids, mask = ragged_batch([6, 4])
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(
+        model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state,
+        model(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
+
+
+def test_return_dict_false_gives_tuples():
+    model = tiny_model()
+    ids, mask = ragged_batch([6, 4])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2] = 5
+    loss, logits = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert loss.dim() == 0 and logits.shape == (2, 6, 99)
+
+
+# ------------------------------------------------------------------------------------------------ sparse MLM
+
+
+def test_sparse_mlm_loss_logits_and_gradients_match_dense_computation():
+    model = tiny_model()
+    ids, mask = ragged_batch([8, 5, 3], seed=8)
+    labels = torch.full_like(ids, -100)
+    labels[0, [1, 4]] = torch.tensor([3, 9])
+    labels[2, 0] = 11
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    dense = model(input_ids=ids, attention_mask=mask).logits
+    sel = labels != -100
+    expected = torch.nn.functional.cross_entropy(dense[sel], labels[sel])
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits[sel], dense[sel].detach())
+    assert (out.logits[~sel] == 0).all()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(sparse_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mlm_loss_with_no_masked_tokens_is_zero_not_nan():
+    model = tiny_model()
+    ids, mask = ragged_batch([4, 2])
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+
+
+def test_num_items_in_batch_gradient_accumulation_2x4_equals_1x8():
+    model = tiny_model()
+    ids, mask = ragged_batch([9, 3, 6, 8, 2, 7, 5, 4], seed=9)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.where((torch.rand(ids.shape, generator=g) < 0.4) & mask.bool(), ids, -100)
+    labels[1, 0] = ids[1, 0]
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = (labels != -100).sum()
+    for part in (slice(0, 4), slice(4, 8)):
+        out = model(input_ids=ids[part], attention_mask=mask[part], labels=labels[part], num_items_in_batch=total)
+        out.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model()
+    model.train()
+    ids, mask = ragged_batch([7, 4, 6], seed=10)
+    labels = torch.where(mask.bool(), ids, -100)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_attention_dropout_is_applied_by_plain_path_in_training():
+    model = tiny_model(attention_probs_dropout_prob=0.5)
+    ids, mask = ragged_batch([8, 8])
+    model.eval()
+    a = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, model(input_ids=ids, attention_mask=mask).logits)
+    model.train()
+    torch.manual_seed(0)
+    b = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(a, b)
+
+
+def test_backend_selection_is_explicit():
+    model = tiny_model()
+    mb = package_module(model)
+    qkv = torch.zeros(3, 3, 4, 8)
+    assert mb.select_attention_backend(model.config, qkv, 0.0, False) == "torch"
+    cfg = tiny_config(attention_backend="triton")
+    with pytest.raises(ValueError, match="attention_backend='triton'"):
+        mb.select_attention_backend(cfg, qkv, 0.0, False)
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+
+def test_sequence_classification_matches_reference_and_losses():
+    model = tiny_model("AutoModelForSequenceClassification", num_labels=3)
+    ids, mask = ragged_batch([5, 9, 2])
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    sd = {k: v for k, v in model.state_dict().items()}
+    h = reference_encoder(sd, model.config, ids, mask)
+    pooled = torch.tanh(h[:, 0] @ sd["bert.pooler.dense.weight"].double().T + sd["bert.pooler.dense.bias"].double())
+    logits = pooled @ sd["classifier.weight"].double().T + sd["classifier.bias"].double()
+    assert_close_rel(out.logits, logits)
+    torch.testing.assert_close(out.loss.double(), torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1])),
+                               rtol=1e-5, atol=1e-6)
+
+    reg = tiny_model("AutoModelForSequenceClassification", num_labels=1)
+    out = reg(input_ids=ids, attention_mask=mask, labels=torch.tensor([0.5, 1.0, -1.0]))
+    torch.testing.assert_close(out.loss, ((out.logits.squeeze(-1) - torch.tensor([0.5, 1.0, -1.0])) ** 2).mean())
+
+    ml = tiny_model("AutoModelForSequenceClassification", num_labels=3, problem_type="multi_label_classification")
+    target = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    out = ml(input_ids=ids, attention_mask=mask, labels=target)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, target))
+
+
+def test_token_classification_head():
+    model = tiny_model("AutoModelForTokenClassification", num_labels=5)
+    ids, mask = ragged_batch([6, 3])
+    labels = torch.where(mask.bool(), ids % 5, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    sd = model.state_dict()
+    h = reference_encoder(sd, model.config, ids, mask)
+    logits = h @ sd["classifier.weight"].double().T + sd["classifier.bias"].double()
+    valid = mask.bool()
+    assert_close_rel(out.logits[valid], logits[valid])
+    expected = torch.nn.functional.cross_entropy(logits[valid], labels[valid])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_question_answering_head():
+    model = tiny_model("AutoModelForQuestionAnswering")
+    ids, mask = ragged_batch([7, 5])
+    start, end = torch.tensor([1, 2]), torch.tensor([3, 4])
+    out = model(input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end)
+    sd = model.state_dict()
+    h = reference_encoder(sd, model.config, ids, mask)
+    logits = h @ sd["qa_outputs.weight"].double().T + sd["qa_outputs.bias"].double()
+    assert_close_rel(out.start_logits, logits[..., 0])
+    assert_close_rel(out.end_logits, logits[..., 1])
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(logits[..., 0], start) + ce(logits[..., 1], end)) / 2
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_choice_head():
+    model = tiny_model("AutoModelForMultipleChoice")
+    ids, mask = ragged_batch([6, 4, 5, 3, 6, 2])
+    ids, mask = ids.view(2, 3, 6), mask.view(2, 3, 6)
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, 0]))
+    assert out.logits.shape == (2, 3)
+    sd = model.state_dict()
+    h = reference_encoder(sd, model.config, ids.view(6, 6), mask.view(6, 6))
+    pooled = torch.tanh(h[:, 0] @ sd["bert.pooler.dense.weight"].double().T + sd["bert.pooler.dense.bias"].double())
+    logits = (pooled @ sd["classifier.weight"].double().T + sd["classifier.bias"].double()).view(2, 3)
+    assert_close_rel(out.logits, logits)
+    with pytest.raises(ValueError, match="num_choices"):
+        model(input_ids=ids.view(6, 6))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "make_kwargs, message",
+    [
+        (lambda ids, m: dict(input_ids=ids[:0]), "empty"),
+        (lambda ids, m: dict(input_ids=ids, attention_mask=m[:, :3]), "attention_mask"),
+        (lambda ids, m: dict(input_ids=ids + 1000), "outside"),
+        (lambda ids, m: dict(input_ids=ids - 1000), "outside"),
+        (lambda ids, m: dict(), "exactly one"),
+        (lambda ids, m: dict(input_ids=ids, inputs_embeds=torch.zeros(2, 5, 32)), "exactly one"),
+        (lambda ids, m: dict(input_ids=ids[0]), "shape"),
+        (lambda ids, m: dict(input_ids=ids[None]), "shape"),
+        (lambda ids, m: dict(inputs_embeds=torch.zeros(2, 5, 7)), "inputs_embeds"),
+        (lambda ids, m: dict(input_ids=ids.float()), "integer"),
+        (lambda ids, m: dict(input_ids=ids, token_type_ids=torch.full_like(ids, 2)), "token_type_ids"),
+        (lambda ids, m: dict(input_ids=ids, labels=ids[:, :2]), "labels"),
+        (lambda ids, m: dict(input_ids=ids, labels=ids + 500), "labels"),
+        (lambda ids, m: dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), "cu_seqlens"),
+        (lambda ids, m: dict(input_ids=ids, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "one row"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(make_kwargs, message):
+    model = tiny_model()
+    ids, mask = ragged_batch([5, 3])
+    with pytest.raises(ValueError, match=message):
+        model(**make_kwargs(ids, mask))
+
+
+def test_unexpected_keyword_is_an_error():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="unexpected"):
+        model(input_ids=torch.tensor([[1, 2]]), bogus=1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "not a multiple"),
+        (dict(attention_backend="flash"), "attention_backend"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+        (dict(pad_token_id=500), "pad_token_id"),
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def test_state_dict_keys_match_upstream_mosaic_bert_base():
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    for auto, keys_file, kwargs in (
+        (AutoModelForMaskedLM, "keys_mosaic_bert_base.txt", {}),
+        (AutoModelForSequenceClassification, "keys_mosaic_bert_base_seqcls.txt", {"num_labels": 2}),
+    ):
+        expected = {}
+        for line in (REPO / "tests" / "data" / keys_file).read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, shape, _ = line.split("\t")
+                expected[key] = tuple(int(x) for x in shape.strip("[]").split(","))
+        config = AutoConfig.from_pretrained(str(REPO), trust_remote_code=True, **kwargs)
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=True)
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert ours == expected
+        if auto is AutoModelForMaskedLM:
+            assert sum(p.numel() for p in model.parameters()) == pytest.approx(137.4e6, rel=1e-3)
+
+
+def test_parameters_initialised_as_documented():
+    model = tiny_model(hidden_size=64, num_attention_heads=4, vocab_size=3000, initializer_range=0.02)
+    w = model.bert.encoder.layer[0].mlp.gated_layers.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert (model.bert.embeddings.word_embeddings.weight[0] == 0).all()
+    assert (model.bert.encoder.layer[0].attention.self.Wqkv.bias == 0).all()
+    assert (model.bert.embeddings.LayerNorm.weight == 1).all()
+    assert math.isclose(model.cls.predictions.decoder.weight.data_ptr(),
+                        model.bert.embeddings.word_embeddings.weight.data_ptr())
