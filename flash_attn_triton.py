@@ -72,9 +72,10 @@ if HAS_TRITON:
         ]
         # Backward: the key/value kernel holds dK and dV accumulators (2 x BLOCK_N x d fp32), so it wants
         # many keys per program and few queries per step; the dQ kernel is the mirror image.
+        # (32 x 128 on 4 warps spills its accumulators at d=64: ptxas on sm_90a, 2026-12-01; 8 warps do not.)
         _BWD_KV_CONFIGS = [
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ]
         _BWD_Q_CONFIGS = [

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -365,7 +366,7 @@ GPU_HEADS = 12
 
 
 def check_oracle(lengths, head_dim, dtype, slopes_kind, api="packed", causal=False):
-    torch.manual_seed(hash((tuple(lengths), head_dim, str(dtype), slopes_kind, causal)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((lengths, head_dim, dtype, slopes_kind, causal)).encode()))
     cu = cu_seqlens_of(lengths)
     total = sum(lengths)
     q, k, v = (torch.randn(total, GPU_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(3))
@@ -452,6 +453,9 @@ def test_gpu_memory_linear_in_tokens():
     cu = cu_seqlens_of([length])
     qkv = torch.randn(length, 3, GPU_HEADS, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     slopes = make_slopes("heads", 1, GPU_HEADS)
+    # Warm up first: autotuning allocates its own benchmark buffers.
+    flash_attn_varlen_qkvpacked_func(qkv, cu, length, alibi_slopes=slopes).sum().backward()
+    qkv.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
