@@ -155,7 +155,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tl.static_assert(BLOCK_D >= HEAD_DIM)
-        EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+        EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
         # Grid: (query blocks of max_seqlen_q, heads, batch). Heads and batch on separate axes keep each
         # below the 65535 limit of grid axes 1 and 2; axis 0 varies fastest, so the query blocks of one
         # (sequence, head) run together and share its K/V in L2.
@@ -289,7 +289,7 @@ if HAS_TRITON:
     ):
         # dK, dV for one key block, looping over all query blocks: each program owns its output rows, so
         # the backward needs no atomics and is bit-for-bit deterministic.
-        EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+        EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
         pid_n = tl.program_id(0)
         off_h = tl.program_id(1).to(tl.int64)
         off_b = tl.program_id(2).to(tl.int64)
@@ -395,7 +395,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # dQ for one query block, looping over all key blocks (no atomics; see _bwd_kv_kernel).
-        EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+        EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
         pid_m = tl.program_id(0)
         off_h = tl.program_id(1).to(tl.int64)
         off_b = tl.program_id(2).to(tl.int64)
