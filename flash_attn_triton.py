@@ -84,6 +84,9 @@ if HAS_TRITON:
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ]
     _TUNE_KEY = ["max_seqlen_bucket", "HEAD_DIM"]
+    # The lse/delta row stride is total_tokens, which changes every ragged batch; without this, Triton would
+    # compile a second variant whenever its divisibility by 16 flips.
+    _NO_SPECIALIZE = ["stride_lh"]
 
     @triton.jit
     def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr,
@@ -139,7 +142,7 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _fwd_kernel(
         Q, K, V,  # (t_q, h, d), (t_k, h, d), (t_k, h, d); last dim contiguous
         Out,  # (t_q, h, d)
@@ -213,7 +216,7 @@ if HAS_TRITON:
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
         tl.store(Lse + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["total_tokens"])
     def _bwd_preprocess_kernel(
         Out, DO,  # (t, h, d)
         Delta,  # (h, t) fp32: rowsum(dO * O)
@@ -272,7 +275,7 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.autotune(configs=_BWD_KV_CONFIGS, key=_TUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _bwd_kv_kernel(
         Q, K, V, DO,  # (t_q, h, d), (t_k, h, d), (t_k, h, d), (t_q, h, d)
         Lse, Delta,  # (h, t_q) fp32 each, same strides
@@ -379,7 +382,7 @@ if HAS_TRITON:
         return dq
 
     @triton.autotune(configs=_BWD_Q_CONFIGS, key=_TUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _bwd_q_kernel(
         Q, K, V, DO,  # (t_q, h, d), (t_k, h, d), (t_k, h, d), (t_q, h, d)
         Lse, Delta,  # (h, t_q) fp32 each, same strides

@@ -391,8 +391,8 @@ def test_gpu_ragged_all_lengths_d64(dtype, slopes_kind):
 
 
 @requires_cuda
-@pytest.mark.parametrize("slopes_kind", ["none", "batch"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,slopes_kind", [(torch.bfloat16, "none"), (torch.bfloat16, "batch"),
+                                               (torch.float16, "heads")])
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_gpu_ragged_all_lengths_other_head_dims(head_dim, dtype, slopes_kind):
     check_oracle(GPU_LENGTHS, head_dim, dtype, slopes_kind)
