@@ -48,6 +48,9 @@ class BertConfig(PretrainedConfig):
             `"auto"` uses the Triton FlashAttention kernel on CUDA for fp16/bf16 inputs when triton is installed
             and the plain PyTorch path elsewhere; `"triton"` requires the kernel; `"torch"` always uses the plain
             path.
+        low_precision_layernorm (`bool`, *optional*, defaults to `False`):
+            Under bf16/fp16 autocast, run LayerNorm in the autocast dtype instead of autocast's float32 (faster;
+            MosaicBERT's pretraining did this). No effect outside autocast. The pretraining script turns it on.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Whether the MLM decoder shares its weight with the word embeddings.
 
@@ -81,6 +84,7 @@ class BertConfig(PretrainedConfig):
         classifier_dropout=None,
         alibi_starting_size=512,
         attention_backend="auto",
+        low_precision_layernorm=False,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -100,6 +104,7 @@ class BertConfig(PretrainedConfig):
         self.classifier_dropout = classifier_dropout
         self.alibi_starting_size = alibi_starting_size
         self.attention_backend = attention_backend
+        self.low_precision_layernorm = low_precision_layernorm
         self.tie_word_embeddings = tie_word_embeddings
         super().__init__(**kwargs)
         self.validate_mosaic_bert()

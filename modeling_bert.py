@@ -210,6 +210,34 @@ def varlen_attention(config, qkv, batch: VarlenBatch, slopes, dropout_p, output_
 # Modules (names follow the upstream checkpoints)
 
 
+class BertLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that can run in low precision under autocast.
+
+    Autocast runs LayerNorm in float32 and returns float32, which doubles the bytes of the residual stream. With
+    `config.low_precision_layernorm`, inside a bf16/fp16 autocast region the input, weight and bias are cast to
+    the autocast dtype and the normalization runs (and returns) in it, as MosaicBERT pretraining did. Outside
+    autocast it is a plain LayerNorm: fp32 models stay fp32.
+    """
+
+    def __init__(self, hidden_size, eps, low_precision=False):
+        super().__init__(hidden_size, eps=eps)
+        self.low_precision = low_precision
+
+    def forward(self, x):
+        device_type = x.device.type
+        if self.low_precision and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return F.layer_norm(
+                    x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps
+                )
+        return super().forward(x)
+
+
+def layer_norm(config):
+    return BertLayerNorm(config.hidden_size, config.layer_norm_eps, config.low_precision_layernorm)
+
+
 class BertEmbeddings(nn.Module):
     """Word + token-type embeddings, LayerNorm, dropout. No position embeddings: ALiBi carries position."""
 
@@ -217,7 +245,7 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
@@ -252,7 +280,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual):
@@ -283,7 +311,7 @@ class BertGatedLinearUnitMLP(nn.Module):
         self.act = nn.GELU(approximate="none")
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = layer_norm(config)
 
     def forward(self, hidden_states):
         gated, non_gated = self.gated_layers(hidden_states).split(self.intermediate_size, dim=-1)
@@ -307,7 +335,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
-        self.register_buffer("alibi_slopes", torch.empty(config.num_attention_heads), persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
         self.gradient_checkpointing = False
 
     def slopes(self):
@@ -332,7 +360,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = layer_norm(config)
 
     def forward(self, hidden_states):
         return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
@@ -528,7 +556,9 @@ class BertPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, BertEncoder):
-            init.copy_(module.alibi_slopes, alibi_slopes(self.config.num_attention_heads))
+            # Non-persistent, so never loaded: always computed (torch.nn.init of transformers 4.x has no copy_).
+            with torch.no_grad():
+                module.alibi_slopes.copy_(alibi_slopes(self.config.num_attention_heads))
 
     def _unexpected_kwargs(self, kwargs):
         if kwargs:

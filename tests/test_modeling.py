@@ -432,3 +432,28 @@ def test_parameters_initialised_as_documented():
     assert (model.bert.embeddings.LayerNorm.weight == 1).all()
     assert math.isclose(model.cls.predictions.decoder.weight.data_ptr(),
                         model.bert.embeddings.word_embeddings.weight.data_ptr())
+
+
+# ------------------------------------------------------------------------------------------------ low-precision LN
+
+
+def test_low_precision_layernorm_runs_in_autocast_dtype_only_under_autocast():
+    model = tiny_model(low_precision_layernorm=True)
+    plain = tiny_model()
+    ids, mask = ragged_batch([7, 4])
+    # Outside autocast: identical to the fp32 model.
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               plain(input_ids=ids, attention_mask=mask).logits)
+    ln = model.bert.encoder.layer[0].mlp.layernorm
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ln(x)
+        high = plain.bert.encoder.layer[0].mlp.layernorm(x)
+    assert low.dtype == torch.bfloat16 and high.dtype == torch.float32
+    expected = torch.nn.functional.layer_norm(x.bfloat16(), (32,), ln.weight.bfloat16(), ln.bias.bfloat16(), ln.eps)
+    torch.testing.assert_close(low, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask).logits
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
