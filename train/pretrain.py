@@ -407,8 +407,6 @@ def main(argv=None, callbacks=()) -> dict:
                          f"{config.vocab_size}.")
 
     use_cuda = torch.cuda.is_available()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
     has_valid = args.valid_paths is not None or bool(args.valid_split)
     eval_steps = args.eval_steps if args.eval_steps > 0 and has_valid else None
 
@@ -446,6 +444,7 @@ def main(argv=None, callbacks=()) -> dict:
         **_checkpointing_kwargs(args.gradient_checkpointing),
     )
     log = print if training_args.process_index == 0 else (lambda *a, **k: None)
+    global_batch = args.per_device_train_batch_size * training_args.world_size * args.gradient_accumulation_steps
 
     train_ds, valid_ds, collator = build_datasets(args, tokenizer, training_args, log)
     tokens_per_sequence = train_ds.num_tokens / len(train_ds)
