@@ -106,7 +106,8 @@ class BertConfig(PretrainedConfig):
         self.attention_backend = attention_backend
         self.low_precision_layernorm = low_precision_layernorm
         self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(**kwargs)
+        # transformers 4.x's base __init__ sets these two from its own arguments: pass them through.
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_mosaic_bert()
 
     @classmethod
