@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import __version__ as transformers_version
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -41,6 +42,8 @@ try:
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:  # transformers < 4.52
     GradientCheckpointingLayer = nn.Module
+
+TRANSFORMERS_V4 = int(transformers_version.split(".")[0]) < 5
 
 logger = logging.get_logger(__name__)
 
@@ -545,6 +548,8 @@ class BertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "bert"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    # Each head names its Auto class (`_auto_class`), so save_pretrained always writes the code files and auto_map.
+    # transformers 4.x records it on load only when the config's class name is not a library one; ours is BertConfig.
 
     def __init__(self, config, *inputs, **kwargs):
         config.validate_mosaic_bert()  # attributes may have been edited since the config was built
@@ -567,6 +572,8 @@ class BertPreTrainedModel(PreTrainedModel):
 
 class BertModel(BertPreTrainedModel):
     """The MosaicBERT encoder, with an optional pooler (tanh(dense) of the first token)."""
+
+    _auto_class = "AutoModel"
 
     def __init__(self, config, add_pooling_layer=True):
         super().__init__(config)
@@ -717,7 +724,10 @@ def _as_tuple(loss, *outputs):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
+    _auto_class = "AutoModelForMaskedLM"
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    if TRANSFORMERS_V4:  # 4.x lists the tied parameters; 5.x maps each to its source
+        _tied_weights_keys = list(_tied_weights_keys)
     accepts_loss_kwargs = True
 
     def __init__(self, config):
@@ -807,6 +817,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
     """Pooled first token -> dropout -> linear. Loss by `config.problem_type` (regression, single- or
     multi-label), inferred as transformers does when unset."""
 
+    _auto_class = "AutoModelForSequenceClassification"
     accepts_loss_kwargs = False
 
     def __init__(self, config):
@@ -871,6 +882,7 @@ def sequence_classification_loss(config, logits, labels):
 
 
 class BertForTokenClassification(BertPreTrainedModel):
+    _auto_class = "AutoModelForTokenClassification"
     accepts_loss_kwargs = True
 
     def __init__(self, config):
@@ -925,6 +937,7 @@ class BertForTokenClassification(BertPreTrainedModel):
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
+    _auto_class = "AutoModelForQuestionAnswering"
     accepts_loss_kwargs = False
 
     def __init__(self, config):
@@ -981,6 +994,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
 
 class BertForMultipleChoice(BertPreTrainedModel):
+    _auto_class = "AutoModelForMultipleChoice"
     accepts_loss_kwargs = False
 
     def __init__(self, config):
