@@ -95,13 +95,11 @@ def test_loading_without_trust_remote_code_fails_loudly(tmp_path):
         transformers.AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=False)
 
 
+# As if triton were not installed: `import triton` raises ImportError and importlib.util.find_spec("triton") is None
+# (transformers 4.x probes packages with find_spec when it is imported).
 HIDE_TRITON = """
-import importlib.abc, sys
-class _NoTriton(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("triton is not installed")
-sys.meta_path.insert(0, _NoTriton())
+import sys
+sys.modules["triton"] = None
 """
 
 
