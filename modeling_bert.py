@@ -127,7 +127,7 @@ class VarlenBatch:
         return self._bias[key]
 
 
-def torch_varlen_attention(qkv, batch: VarlenBatch, slopes, dropout_p=0.0, output_attentions=False):
+def torch_varlen_attention(qkv, batch: VarlenBatch, slopes, dropout_p=0.0):
     """Reference attention in plain PyTorch, one SDPA call per bucket of similar lengths.
 
     Args:
@@ -135,33 +135,85 @@ def torch_varlen_attention(qkv, batch: VarlenBatch, slopes, dropout_p=0.0, outpu
         batch: the sequences.
         slopes: (h,) float32 ALiBi slopes.
     Returns:
-        context (t, h, d) in qkv's dtype, and, when asked, a list of (h, L_i, L_i) probabilities per sequence.
+        context (t, h, d) in qkv's dtype.
     Half-precision inputs are computed in float32 (the ALiBi bias of distant tokens does not fit fp16/bf16
     resolution) and cast back.
     """
     total, _, heads, head_dim = qkv.shape
     compute_dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
-    values, token_ids, probs_per_seq = [], [], {}
+    values, token_ids = [], []
     for bucket_id, (seq_ids, length, token_index, valid) in enumerate(batch.buckets()):
         n = seq_ids.numel()
         x = qkv.index_select(0, token_index.flatten()).view(n, length, 3, heads, head_dim).to(compute_dtype)
         q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
         bias = batch.bias(bucket_id, slopes, compute_dtype)  # (n, h, L, L)
-        if output_attentions:
-            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + bias
-            probs = torch.softmax(scores, dim=-1)
-            for row, seq in enumerate(seq_ids.tolist()):
-                n_tokens = int(valid[row].sum())
-                probs_per_seq[seq] = probs[row, :, :n_tokens, :n_tokens]
-            out = torch.matmul(F.dropout(probs, p=dropout_p), v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         out = out.transpose(1, 2)  # (n, L, h, d)
         values.append(out[valid])
         token_ids.append(token_index[valid])
-    out = index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype)
-    probs = [probs_per_seq[i] for i in sorted(probs_per_seq)] if output_attentions else None
-    return out, probs
+    return index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype)
+
+
+@dataclass
+class DenseBatch:
+    """The sequences of a batch in the padded (b, s) layout, for the dense path (the alternative to VarlenBatch).
+
+    `valid` (b, s) bool marks real tokens; `seq_id` (b, s) numbers the sequences within each row (a row may hold
+    several packed documents); `rank` (b, s) counts the valid tokens of the row before each token, so within one
+    sequence |rank_i - rank_j| is the ALiBi distance. Everything is a tensor: the dense path never syncs the host.
+    """
+
+    valid: torch.Tensor
+    seq_id: torch.Tensor
+    rank: torch.Tensor
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    def bias(self, slopes, dtype):
+        """(b, h, s, s) in `dtype`: ALiBi between tokens of one sequence, float32's lowest value elsewhere (keys
+        that are padding or in another document). Finite, so a row with no valid key cannot produce NaN."""
+        if dtype not in self._bias:
+            distance = (self.rank[:, None, :] - self.rank[:, :, None]).abs().to(torch.float32)  # (b, s, s)
+            alibi = -slopes.float()[None, :, None, None] * distance[:, None]  # (b, h, s, s)
+            visible = self.valid[:, None, :] & (self.seq_id[:, :, None] == self.seq_id[:, None, :])  # (b, s, s)
+            hidden = torch.tensor(torch.finfo(torch.float32).min, device=alibi.device)
+            self._bias[dtype] = torch.where(visible[:, None], alibi, hidden).to(dtype)
+        return self._bias[dtype]
+
+
+def dense_attention(qkv, batch: DenseBatch, slopes, dropout_p=0.0):
+    """Attention over the padded layout with one dense mask: no unpadding and no host sync, so it traces and exports.
+
+    Args:
+        qkv: (b * s, 3, h, d), every position of the padded batch.
+        batch: the sequences, as masks over (b, s).
+        slopes: (h,) float32 ALiBi slopes.
+    Returns:
+        context (b * s, h, d) in qkv's dtype, and the probabilities (b, h, s, s): zero for keys outside the
+        query's sequence and for padded queries. Exact: hidden keys get probability exactly 0.
+    """
+    b, s = batch.valid.shape
+    heads, head_dim = qkv.shape[2], qkv.shape[3]
+    compute_dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
+    q, k, v = qkv.view(b, s, 3, heads, head_dim).to(compute_dtype).permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, s, d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + batch.bias(slopes, compute_dtype)
+    probs = torch.softmax(scores, dim=-1) * batch.valid[:, None, :, None].to(compute_dtype)  # (b, h, s, s)
+    out = torch.matmul(F.dropout(probs, p=dropout_p), v).transpose(1, 2)  # (b, s, h, d)
+    return out.reshape(b * s, heads, head_dim).to(qkv.dtype), probs
+
+
+def exporting():
+    """True while torch.onnx, torch.export or torch.jit traces the model."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
+
+
+def use_dense_path(output_attentions):
+    """Whether the encoder runs on the padded layout with dense attention instead of unpadded tokens.
+
+    For `output_attentions` (the probabilities are formed anyway, and stay on the gradient path) and while
+    exporting (the unpadded path sizes its tensors on the host). Slower on ragged batches; outputs are the same.
+    """
+    return output_attentions or exporting()
 
 
 _logged_backends = set()
@@ -198,15 +250,20 @@ def select_attention_backend(config, qkv, dropout_p, output_attentions):
     return backend
 
 
-def varlen_attention(config, qkv, batch: VarlenBatch, slopes, dropout_p, output_attentions=False):
-    """Attention over unpadded tokens. qkv: (t, 3, h, d) -> ((t, h, d), optional per-sequence probabilities)."""
+def varlen_attention(config, qkv, batch, slopes, dropout_p, output_attentions=False):
+    """Attention over the tokens of `batch`. qkv: (t, 3, h, d) -> ((t, h, d), probabilities (b, h, s, s) or None).
+
+    A `DenseBatch` takes the dense path (t = b * s); a `VarlenBatch` the kernel or the plain path.
+    """
+    if isinstance(batch, DenseBatch):
+        return dense_attention(qkv, batch, slopes, dropout_p)
     backend = select_attention_backend(config, qkv, dropout_p, output_attentions)
     if backend == "triton":
         out = flash_attn_varlen_qkvpacked_func(
             qkv, batch.cu_seqlens, batch.max_seqlen, alibi_slopes=slopes.float()
         )
         return out, None
-    return torch_varlen_attention(qkv, batch, slopes, dropout_p, output_attentions)
+    return torch_varlen_attention(qkv, batch, slopes, dropout_p), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,8 +455,8 @@ class TokenLayout:
 
     batch_size: int
     seqlen: int
-    indices: torch.Tensor | None  # (t,) positions in the flattened (b * s) input; None when every token is valid
-    batch: VarlenBatch
+    indices: torch.Tensor | None  # (t,) positions in the flattened (b * s) input; None when every position is a token
+    batch: VarlenBatch | DenseBatch  # DenseBatch: every position is computed, padding masked in attention
 
     @property
     def total_tokens(self):
@@ -414,6 +471,8 @@ class TokenLayout:
         """(t, ...) -> (b, s, ...) with zeros at padding."""
         if self.indices is not None:
             x = index_put_first_axis(x, self.indices, self.batch_size * self.seqlen)
+        elif isinstance(self.batch, DenseBatch):
+            x = torch.where(self.batch.valid.reshape(-1, *[1] * (x.dim() - 1)), x, 0)
         return x.view(self.batch_size, self.seqlen, *x.shape[1:])
 
     def flat_positions(self, token_idx):
@@ -433,11 +492,12 @@ def _check_shape(name, tensor, shape):
 
 
 def build_token_layout(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                       max_seqlen):
+                       max_seqlen, dense=False):
     """Validate the inputs and find the sequences.
 
     Sequences are the rows of the batch, split further wherever `position_ids` restarts at 0 (packed documents,
-    as `DataCollatorWithFlattening` produces) or as given by `cu_seqlens` (packed input of one row).
+    as `DataCollatorWithFlattening` produces) or as given by `cu_seqlens` (packed input of one row). With `dense`,
+    nothing is unpadded and the sequences are described by masks (`DenseBatch`).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
@@ -462,11 +522,11 @@ def build_token_layout(config, input_ids, inputs_embeds, attention_mask, token_t
         position_ids = position_ids.expand(batch_size, -1)
     _check_shape("position_ids", position_ids, (batch_size, seqlen))
 
-    # One host sync for every value check.
+    # One host sync for every value check (none while exporting: a traced graph cannot raise on values).
     checks = []
-    if input_ids is not None:
+    if input_ids is not None and not exporting():
         checks += [input_ids.min(), input_ids.max()]
-    if token_type_ids is not None:
+    if token_type_ids is not None and not exporting():
         checks += [token_type_ids.min(), token_type_ids.max()]
     if checks:
         values = torch.stack([c.long() for c in checks]).tolist()
@@ -499,9 +559,13 @@ def build_token_layout(config, input_ids, inputs_embeds, attention_mask, token_t
             raise ValueError(
                 f"`cu_seqlens` must rise from 0 to the input length {seqlen}; got first={first}, last={last}."
             )
+        if dense:
+            return dense_token_layout(batch_size, seqlen, attention_mask, position_ids, cu_seqlens, device)
         if max_seqlen is None:
             max_seqlen = int(lengths.max().item())
         return TokenLayout(batch_size, seqlen, None, VarlenBatch(cu_seqlens, int(max_seqlen)))
+    if dense:
+        return dense_token_layout(batch_size, seqlen, attention_mask, position_ids, None, device)
 
     indices = None
     if attention_mask is not None:
@@ -526,6 +590,22 @@ def build_token_layout(config, input_ids, inputs_embeds, attention_mask, token_t
     cu = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([total], device=device)]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max().item()) if total else 0
     return TokenLayout(batch_size, seqlen, indices, VarlenBatch(cu, max_len))
+
+
+def dense_token_layout(batch_size, seqlen, attention_mask, position_ids, cu_seqlens, device):
+    """The layout of the dense path: the same sequences as the unpadded one, as (b, s) masks, without a host sync."""
+    if attention_mask is None:
+        valid = torch.ones(batch_size, seqlen, dtype=torch.bool, device=device)
+    else:
+        valid = attention_mask.bool()
+    rank = valid.long().cumsum(-1) - 1  # (b, s): valid tokens before each one in its row
+    starts = valid & (rank == 0)  # each row's first valid token
+    if position_ids is not None:
+        starts = starts | (valid & (position_ids == 0))
+    if cu_seqlens is not None:  # one row; a trailing empty document marks index seqlen, dropped by the slice
+        marks = torch.zeros(seqlen + 1, dtype=torch.bool, device=device)
+        starts = starts | marks.index_fill(0, cu_seqlens[:-1].long(), True)[None, :seqlen]
+    return TokenLayout(batch_size, seqlen, None, DenseBatch(valid, starts.long().cumsum(-1), rank))
 
 
 @dataclass
@@ -608,7 +688,7 @@ class BertModel(BertPreTrainedModel):
         """
         layout = build_token_layout(
             self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cu_seqlens,
-            max_seqlen,
+            max_seqlen, dense=use_dense_path(output_attentions),
         )
         hidden = self.embeddings(
             input_ids=None if input_ids is None else layout.unpad(input_ids),
@@ -617,10 +697,17 @@ class BertModel(BertPreTrainedModel):
         )  # (t, hidden)
         subset_idx = None
         if subset_labels is not None:
-            subset_idx = torch.nonzero(layout.unpad(subset_labels) != IGNORE_INDEX).flatten()  # (m,)
+            labelled = layout.unpad(subset_labels) != IGNORE_INDEX
+            if isinstance(layout.batch, DenseBatch):  # labels at padding are not tokens, as when unpadded
+                labelled = labelled & layout.batch.valid.reshape(-1)
+            subset_idx = torch.nonzero(labelled).flatten()  # (m,)
 
         slopes = self.encoder.slopes()
-        all_hidden = [layout.pad(hidden)] if output_hidden_states else None
+        all_hidden = None
+        if output_hidden_states:
+            # Each returned hidden state is the tensor the next layer reads, so gradients reach it.
+            all_hidden = [layout.pad(hidden)]
+            hidden = layout.unpad(all_hidden[-1])
         all_attentions = [] if output_attentions else None
         n_layers = len(self.encoder.layer)
         for i, layer in enumerate(self.encoder.layer):
@@ -628,8 +715,9 @@ class BertModel(BertPreTrainedModel):
             hidden, probs = layer(hidden, layout.batch, slopes, last_subset, output_attentions)
             if output_hidden_states:
                 all_hidden.append(layout.pad(hidden))
+                hidden = layout.unpad(all_hidden[-1])
             if output_attentions:
-                all_attentions.append(self._pad_attentions(probs, layout))
+                all_attentions.append(probs)  # (b, h, s, s) from the dense path
         if subset_idx is not None and output_hidden_states:
             hidden = index_first_axis(hidden, subset_idx)
         return EncoderState(
@@ -639,21 +727,6 @@ class BertModel(BertPreTrainedModel):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
-
-    @staticmethod
-    def _pad_attentions(probs, layout):
-        """Per-sequence (h, L, L) probabilities -> (b, h, s, s), zero between tokens of different sequences."""
-        heads = probs[0].shape[0] if probs else 0
-        out = probs[0].new_zeros(layout.batch_size, heads, layout.seqlen, layout.seqlen)
-        cu = layout.batch.cu_seqlens.tolist()
-        flat = torch.arange(layout.total_tokens, device=out.device)
-        flat = layout.flat_positions(flat)
-        rows, cols = flat // layout.seqlen, flat % layout.seqlen
-        seqs = [k for k in range(len(cu) - 1) if cu[k + 1] > cu[k]]
-        for p, k in zip(probs, seqs):
-            c = cols[cu[k] : cu[k + 1]]
-            out[rows[cu[k]], :, c[:, None], c[None, :]] = p.to(out.dtype)
-        return out
 
     def forward(
         self,
