@@ -34,6 +34,8 @@ import torch
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
 # Bump when the cached layout or the tokenization rules change, so stale caches are never reused.
 CACHE_VERSION = "mlm-tokens-v1"
+# Inputs smaller than this (bytes on disk) are tokenized in-process.
+SMALL_INPUT_BYTES = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,9 +220,14 @@ def _tokenize_documents(
         pool = None
     else:
         # Each worker is single-threaded; the pool gives the parallelism (and also parallelises the Python-side
-        # conversion of ids to arrays, which the tokenizers library's own threads would not).
+        # conversion of ids to arrays, which the tokenizers library's own threads would not). Fork where there is
+        # fork: a spawned worker would re-import the calling script and its heavy imports. The parent has not used
+        # the tokenizers thread pool, and the workers touch neither torch nor CUDA.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        pool = get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_json,))
+        from multiprocessing import get_all_start_methods
+
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_json,))
         results = pool.imap(_encode_documents, chunks, chunksize=1)
     try:
         for tokens, lengths in results:
@@ -260,6 +267,8 @@ def tokenize_files_to_cache(
         return _load_cache(folder)
 
     start = time.time()
+    if sum(p.stat().st_size for p in files) < SMALL_INPUT_BYTES:
+        num_proc = 1  # starting workers would cost more than it saves
 
     def documents():
         for path in files:
@@ -308,6 +317,8 @@ def tokenize_dataset_to_cache(
         log(f"Using cached tokens {folder}")
         return _load_cache(folder)
     start = time.time()
+    if len(dataset) < 2000:
+        num_proc = 1  # starting workers would cost more than it saves
 
     def documents():
         for start_row in range(0, len(dataset), 1000):
