@@ -262,6 +262,12 @@ def test_error_dropout():
         flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, 4, dropout_p=0.25)
 
 
+def test_error_softmax_scale():
+    q, k, v, cu = _inputs()
+    with pytest.raises(ValueError, match="softmax_scale must be positive, got -0.5"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, softmax_scale=-0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
 def test_error_dtype(dtype):
     q, k, v, cu = _inputs(dtype=dtype)
