@@ -234,17 +234,24 @@ def test_time_budget_sets_total_steps_from_throughput(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(pretrain.time, "time", lambda: clock[0])
     schedule = pretrain.LinearSchedule(0.06, total_steps=None)
-    budget = pretrain.TrainingBudget(schedule, max_minutes=1.0, max_train_tokens=None, step_cap=None)
+    budget = pretrain.TrainingBudget(schedule, max_minutes=1.0, step_cap=None)
     state, control = TrainerState(), TrainerControl()
     state.max_steps = 10**9
     args = types.SimpleNamespace(device=torch.device("cpu"))
     budget.on_train_begin(args, state, control)
-    for step in range(1, 21):  # 0.5 s per step → 120 steps fit in the minute
-        clock[0] += 0.5
+    for step in range(1, 51):  # 0.5 s per step (0.25 s for the first ten) → 110 steps fit in the minute
+        clock[0] += 0.25 if step <= 10 else 0.5
         state.global_step = step
         budget.on_step_end(args, state, control)
-    assert schedule.total_steps == state.max_steps == 120
-    assert not control.should_training_stop
+        if step < 50:
+            assert schedule.total_steps is None and state.max_steps == 10**9
+    assert schedule.total_steps == state.max_steps == 50 + 2 * (60 - 22.5)
+    assert not control.should_training_stop and not control.should_save
+    state.global_step = 51  # not a revision step; the Trainer's own flow stops at max_steps
+    control.should_training_stop = True
+    budget.on_step_end(args, state, control)
+    assert control.should_save, "a budget run always leaves a checkpoint to resume from"
+    control.should_training_stop = control.should_save = False
     clock[0] += 60.0  # out of time
     state.global_step = 100
     budget.on_step_end(args, state, control)

@@ -182,26 +182,27 @@ class LinearSchedule:
 
 
 class TrainingBudget(TrainerCallback):
-    """Trainer callback for `--max_minutes` and `--max_train_tokens`.
+    """Trainer callback for `--max_minutes` (`--max_train_tokens` is turned into a step count up front, which keeps
+    every rank stopping at the same step).
 
-    Under a time budget the total step count is not known up front. From a few steps after the start it is
-    estimated as `step + throughput × remaining time`, revised at steps 10, 20, 50 and every 100 after the start;
-    the estimate becomes both the schedule's total (the LR reaches 0 when time runs out) and the Trainer's
-    max_steps (which stops the loop). Rank 0 decides and broadcasts, so all ranks change the LR at the same step.
+    Under a time budget the total step count is not known up front. It is estimated as
+    `step + throughput × remaining time` at step 50 after the start (throughput measured from step 10 on; until
+    then the LR stays near 0, the warmup not having started) and revised every 100 steps, more often near the end,
+    with the throughput of the last interval. The estimate becomes both the schedule's total (the LR reaches 0
+    when time runs out) and the Trainer's max_steps (which stops the loop). Rank 0 decides and broadcasts, so all ranks change the LR at the same step.
     """
 
-    def __init__(self, schedule: LinearSchedule, max_minutes: float | None, max_train_tokens: float | None,
-                 step_cap: int | None):
+    def __init__(self, schedule: LinearSchedule, max_minutes: float | None, step_cap: int | None):
         self.schedule = schedule
         self.budget_s = None if max_minutes is None else 60.0 * max_minutes
-        self.max_train_tokens = max_train_tokens
         self.step_cap = step_cap
         self.start = self.anchor_time = None
-        self.begin_step = self.anchor_step = 0
+        self.begin_step = self.anchor_step = self.next_revision = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.time()
         self.begin_step = state.global_step
+        self.next_revision = state.global_step + 50
         return control
 
     def _broadcast(self, values: list[float], args) -> list[float]:
@@ -213,16 +214,21 @@ class TrainingBudget(TrainerCallback):
         return t.tolist()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.max_train_tokens is not None and state.num_input_tokens_seen >= self.max_train_tokens:
-            control.should_training_stop = True
         if self.budget_s is None:
             return control
+        self._revise(args, state, control)
+        if control.should_training_stop:
+            control.should_save = True  # a checkpoint to resume from, whatever step the budget ended on
+        return control
+
+    def _revise(self, args, state, control):
         since = state.global_step - self.begin_step
-        if since == 5:  # skip the first steps (allocator warm-up, compilation) when measuring throughput
+        if since == 10:  # throughput is measured from here: the first steps pay for warm-up and autotuning
             self.anchor_time, self.anchor_step = time.time(), state.global_step
-        if since <= 5 or not (since in (10, 20, 50) or since % 100 == 0):
-            return control
+        if since < 50 or state.global_step < self.next_revision:
+            return
         now = time.time()
+        # Throughput over the last interval, so a change of speed (evaluation, a busy machine) shows up quickly.
         rate = (state.global_step - self.anchor_step) / max(1e-6, now - self.anchor_time)
         remaining = self.budget_s - (now - self.start)
         total = state.global_step + max(0, int(rate * remaining))
@@ -232,11 +238,11 @@ class TrainingBudget(TrainerCallback):
         total = max(int(total), state.global_step)
         self.schedule.total_steps = total
         state.max_steps = total
+        self.anchor_time, self.anchor_step = now, state.global_step
+        # Every 100 steps, more often near the end (same on every rank: it depends on synced values only).
+        self.next_revision = state.global_step + max(10, min(100, (total - state.global_step) // 4))
         if out_of_time or total <= state.global_step:
             control.should_training_stop = True
-        if control.should_training_stop:
-            control.should_save = True
-        return control
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,7 +477,7 @@ def main(argv=None, callbacks=()) -> dict:
     log(f"Model: {n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers × {config.hidden_size} hidden, "
         f"global batch {global_batch} sequences")
 
-    budget = TrainingBudget(schedule, args.max_minutes, args.max_train_tokens, step_cap)
+    budget = TrainingBudget(schedule, args.max_minutes, step_cap)
     trainer = PretrainTrainer(
         model=model,
         args=training_args,
