@@ -163,6 +163,46 @@ def test_fill_mask_pipeline_without_mask_raises(fill_mask):
         fill_mask("there is no mask token here.")
 
 
+def test_fill_mask_pipeline_batched_equals_one_by_one(fill_mask):
+    """Batches pad the shorter inputs; results must not depend on the batch (the model unpads)."""
+    texts = ["a [MASK] day.", "the sky over the old harbour is [MASK] and grey today.", "[MASK]!"]
+    single = [fill_mask(t, top_k=3) for t in texts]
+    for batch_size in (2, 3):
+        batched = fill_mask(texts, top_k=3, batch_size=batch_size)
+        assert len(batched) == len(texts)
+        for ours, theirs in zip(batched, single):
+            assert [r["token"] for r in ours] == [r["token"] for r in theirs]
+            assert [r["score"] for r in ours] == pytest.approx([r["score"] for r in theirs], rel=1e-4, abs=1e-7)
+
+
+def test_fill_mask_pipeline_targets_with_top_k_and_duplicates(fill_mask):
+    text = "the cat sat on the [MASK]."
+    every = {r["token_str"]: r["score"] for r in fill_mask(text, targets=["mat", "dog", "house"])}
+    assert set(every) == {"mat", "dog", "house"}
+    best = fill_mask(text, targets=["mat", "dog", "house"], top_k=1)
+    assert len(best) == 1 and best[0]["token_str"] == max(every, key=every.get)
+    assert best[0]["score"] == pytest.approx(every[best[0]["token_str"]], rel=1e-5)
+    assert {r["token_str"] for r in fill_mask(text, targets=["mat", "mat", "dog"], top_k=10)} == {"mat", "dog"}
+    with pytest.raises(ValueError):
+        fill_mask(text, targets=[])
+
+
+def test_fill_mask_pipeline_several_masks_each_ranked(fill_mask):
+    """One ranked list per mask, each from the model's softmax at that mask; the other mask stays in `sequence`."""
+    text = "[MASK] cat sat on the [MASK]."
+    results = fill_mask(text, top_k=3)
+    tok, model = fill_mask.tokenizer, fill_mask.model
+    enc = tok(text, return_tensors="pt")
+    positions = (enc["input_ids"][0] == tok.mask_token_id).nonzero().flatten().tolist()
+    with torch.no_grad():
+        probs = model(**enc).logits[0].softmax(-1)
+    assert len(results) == len(positions) == 2
+    for per_mask, position in zip(results, positions):
+        assert [r["token"] for r in per_mask] == probs[position].topk(3).indices.tolist()
+        assert [r["score"] for r in per_mask] == pytest.approx(probs[position].topk(3).values.tolist(), rel=1e-4)
+        assert all(r["sequence"].count("[MASK]") == 1 and r["token_str"] in r["sequence"] for r in per_mask)
+
+
 def _trainer_loss_falls(auto_class, labels_fn, **config):
     from torch.utils.data import Dataset
 
