@@ -429,6 +429,11 @@ def glue_dir(tmp_path_factory):
             a, b = rng.choice(NOUN), rng.choice(NOUN)
             pairs.append((f"the {a} sleeps", f"the {b} sleeps", 5.0 if a == b else round(rng.uniform(0, 2), 1)))
         _write_tsv(root / "stsb" / f"{split}.tsv", ("sentence1", "sentence2", "label"), pairs)
+        _write_tsv(root / "rte" / f"{split}.tsv", ("sentence1", "sentence2", "label"),
+                   [(f"the {a} sleeps", f"a {a} is awake", rng.randint(0, 1)) for a in NOUN[: n // 4]])
+    for split in ("train", "validation_matched", "validation_mismatched"):
+        _write_tsv(root / "mnli" / f"{split}.tsv", ("premise", "hypothesis", "label"),
+                   [(f"the {a} sleeps", f"the {b} sleeps", rng.randint(0, 2)) for a in NOUN[:4] for b in NOUN[:3]])
     return root
 
 
@@ -448,6 +453,18 @@ def test_finetune_glue_runs_and_writes_metrics(tiny_checkpoint, glue_dir, tmp_pa
     assert on_disk["tasks"]["sst2"]["metrics"] == sst2["metrics"]
     table = (out / "glue_results.md").read_text()
     assert "| SST-2 |" in table and "| STS-B |" in table and "Average" in table
+
+
+def test_finetune_glue_from_mnli(tiny_checkpoint, glue_dir, tmp_path):
+    results = finetune_glue.main(["--model", str(tiny_checkpoint), "--tasks", "rte,mnli", "--from_mnli",
+                                  "--data_dir", str(glue_dir), "--output_dir", str(tmp_path), "--num_train_epochs",
+                                  "1", "--disable_tqdm"])
+    assert list(results["tasks"]) == ["mnli", "rte"], "MNLI runs first"
+    mnli, rte = results["tasks"]["mnli"], results["tasks"]["rte"]
+    assert set(mnli["splits"]) == {"validation_matched", "validation_mismatched"}
+    assert mnli["initialized_from"] == str(tiny_checkpoint)
+    assert rte["initialized_from"] == str(tmp_path / "mnli" / "model")
+    assert rte["torch_weight_decay"] == pytest.approx(1.0)  # RTE: decoupled 1e-5 at lr 1e-5
 
 
 def test_finetune_glue_max_train_samples(tiny_checkpoint, glue_dir, tmp_path):

@@ -230,7 +230,8 @@ def check_checkpoint(path: str) -> None:
 def load_classifier(path: str, task: GlueTask, attention_backend: str | None, replace_head: bool):
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"num_labels": task.num_labels,
+    labels = {i: f"LABEL_{i}" for i in range(task.num_labels)}  # fresh, also over an MNLI model's three labels
+    kwargs = {"id2label": labels, "label2id": {v: k for k, v in labels.items()},
               "problem_type": "regression" if task.is_regression else "single_label_classification"}
     if attention_backend:
         kwargs["attention_backend"] = attention_backend
