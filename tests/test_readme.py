@@ -10,7 +10,7 @@ from conftest import REPO, tiny_model
 
 PACKAGE_FILES = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py",
                  "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "fill_mask.py"]
+                 "fill_mask.py", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
 
 
 def readme_blocks(lang):
@@ -22,6 +22,7 @@ def model_folder(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     for f in PACKAGE_FILES:
+        (folder / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / f, folder / f)
     weights = list(REPO.glob("*.safetensors")) + list(REPO.glob("*.safetensors.index.json"))
     for w in weights:
