@@ -223,8 +223,9 @@ def map_hf_bert(sd: dict) -> tuple[dict, dict]:
             dropped.append(f"{key} (next-sentence head)")
     dropped.append(f"bert.encoder.layer.*.intermediate.dense / output.dense ({n_layers} layers): the MLP is not "
                    "mapped; mlp.gated_layers and mlp.wo keep their fresh initialisation")
-    return out, {"dropped": dropped, "fresh": ["bert.encoder.layer.*.mlp.gated_layers.weight",
-                                               "bert.encoder.layer.*.mlp.wo.weight", "bert.encoder.layer.*.mlp.wo.bias"]}
+    fresh = ["bert.encoder.layer.*.mlp.gated_layers.weight", "bert.encoder.layer.*.mlp.wo.weight",
+             "bert.encoder.layer.*.mlp.wo.bias"]
+    return out, {"dropped": dropped, "fresh": fresh}
 
 
 def infer_sizes(sd: dict, fmt: str, upstream: dict | None, num_heads: int | None) -> dict:

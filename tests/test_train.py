@@ -3,7 +3,6 @@
 Everything runs on text and TSVs written here, with tiny models (2 layers × 64 hidden) and the package tokenizer.
 """
 
-import hashlib
 import json
 import lzma
 import math
@@ -11,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 import types
 from pathlib import Path
 

@@ -202,7 +202,8 @@ def glue_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) ->
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint checks
 # ----------------------------------------------------------------------------------------------------------------
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_checkpoint(path: str) -> None:

@@ -189,7 +189,8 @@ class TrainingBudget(TrainerCallback):
     `step + throughput × remaining time` at step 50 after the start (throughput measured from step 10 on; until
     then the LR stays near 0, the warmup not having started) and revised every 100 steps, more often near the end,
     with the throughput of the last interval. The estimate becomes both the schedule's total (the LR reaches 0
-    when time runs out) and the Trainer's max_steps (which stops the loop). Rank 0 decides and broadcasts, so all ranks change the LR at the same step.
+    when time runs out) and the Trainer's max_steps (which stops the loop). Rank 0 decides and broadcasts, so all
+    ranks change the LR at the same step.
     """
 
     def __init__(self, schedule: LinearSchedule, max_minutes: float | None, step_cap: int | None):
@@ -446,6 +447,7 @@ def main(argv=None, callbacks=()) -> dict:
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         eval_accumulation_steps=16,
+        logging_nan_inf_filter=False,  # the filter reads the loss on the host every step (a GPU sync)
         use_cpu=not use_cuda,
         **_checkpointing_kwargs(args.gradient_checkpointing),
     )
