@@ -279,7 +279,7 @@ def test_pretrain_lowers_loss_and_saves_a_loadable_checkpoint(corpus, tiny_confi
     model, info = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.config.num_hidden_layers == 2 and model.config.alibi_starting_size == 32
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     enc = tok(["the red cat sees the green [MASK]."], return_tensors="pt")
     with torch.no_grad():
         logits = model.eval()(**enc).logits
@@ -447,6 +447,8 @@ def test_finetune_glue_runs_and_writes_metrics(tiny_checkpoint, glue_dir, tmp_pa
     assert sst2["train_examples"] == 48 and sst2["eval_examples"] == {"validation": 16}
     assert sst2["learning_rate"] == 3e-5 and sst2["batch_size"] == 16  # the recipe's SST-2 settings
     assert sst2["torch_weight_decay"] == pytest.approx(0.1)  # decoupled lr/10
+    assert sst2["steps"] == 3 and sst2["warmup_steps"] == 1  # ceil(6% of 3)
+    assert results["tasks"]["stsb"]["steps"] == 2
     on_disk = json.loads((out / "glue_results.json").read_text())
     assert on_disk["tasks"]["sst2"]["metrics"] == sst2["metrics"]
     table = (out / "glue_results.md").read_text()

@@ -279,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warmup_kwargs(ratio: float) -> dict:
+    """Warmup as a fraction of the steps: `warmup_steps` takes a float below 1 from transformers 5 on (where
+    `warmup_ratio` is deprecated); 4.x only has `warmup_ratio` for it."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {"warmup_ratio": ratio}
+    return {"warmup_steps": ratio}
+
+
 def _format_results_table(results: dict) -> str:
     lines = ["| Task | Metric | Score | Train examples | Epochs | LR | Batch |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results["tasks"].values():
@@ -330,7 +340,7 @@ def main(argv=None) -> dict:
             num_train_epochs=epochs,
             per_device_train_batch_size=batch,
             per_device_eval_batch_size=args.per_device_eval_batch_size,
-            warmup_steps=args.warmup_ratio,  # a float below 1 is a fraction of the total steps
+            **_warmup_kwargs(args.warmup_ratio),
             lr_scheduler_type="linear",
             weight_decay=task.weight_decay(lr) / lr,
             adam_beta1=0.9,
@@ -368,6 +378,8 @@ def main(argv=None) -> dict:
             "epochs": epochs,
             "batch_size": batch,
             "torch_weight_decay": training_args.weight_decay,
+            "steps": trainer.state.max_steps,
+            "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps),
             "train_loss": train_out.metrics.get("train_loss"),
             "seconds": round(time.time() - start, 1),
             "initialized_from": source,
