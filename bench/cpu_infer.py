@@ -8,6 +8,7 @@ same token ids and attention masks in one run.
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    ours = AutoModel.from_config(AutoConfig.from_pretrained(REPO, trust_remote_code=True), trust_remote_code=True)
+    base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
+    ours = AutoModel.from_config(AutoConfig.from_pretrained(REPO, trust_remote_code=True, **base), trust_remote_code=True)
     hf = BertModel(BertConfig(vocab_size=30528, attn_implementation="sdpa"))
     hf.config._attn_implementation = "sdpa"
     ours.eval()

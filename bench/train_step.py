@@ -58,9 +58,10 @@ def useful_flops_per_token(n_nonembedding, hidden, layers, vocab, lengths, mask_
 
 
 def ours(backend="triton", low_precision_layernorm=False, compile_blocks=False, **overrides):
+    base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
     config = AutoConfig.from_pretrained(
         REPO, trust_remote_code=True, attention_backend=backend, low_precision_layernorm=low_precision_layernorm,
-        **overrides,
+        **{**base, **overrides},
     )
     model = AutoModelForMaskedLM.from_config(config, trust_remote_code=True)
     if compile_blocks:

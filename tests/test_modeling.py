@@ -1,5 +1,6 @@
 """The encoder and every head against an independent padded float64 reference (tests/reference.py)."""
 
+import json
 import math
 
 import pytest
@@ -414,7 +415,8 @@ def test_state_dict_keys_match_upstream_mosaic_bert_base():
             if line and not line.startswith("#"):
                 key, shape, _ = line.split("\t")
                 expected[key] = tuple(int(x) for x in shape.strip("[]").split(","))
-        config = AutoConfig.from_pretrained(str(REPO), trust_remote_code=True, **kwargs)
+        base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
+        config = AutoConfig.from_pretrained(str(REPO), trust_remote_code=True, **base, **kwargs)
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=True)
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
