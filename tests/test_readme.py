@@ -10,7 +10,8 @@ from conftest import REPO, tiny_model
 
 PACKAGE_FILES = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py",
                  "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "fill_mask.py", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
+                 "fill_mask.py", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                 "train/configs/mosaic-bert-base.json"]
 
 
 def readme_blocks(lang):
