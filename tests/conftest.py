@@ -3,8 +3,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (transformers imports it): without a GPU the kernel tests run in
+    # Triton's interpreter, in this process rather than in a subprocess of their own.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
