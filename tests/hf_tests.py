@@ -14,8 +14,9 @@ the registry ships them. Three stand-ins fill the gap, each no more than the imp
 - `utils/test_configuration_utils.py`: `config_common_kwargs`, non-default values for the base config's own
   arguments, which `ConfigTester.check_config_arguments_init` passes to our config and reads back.
 
-`load()` returns the two modules, or skips the calling test module when the download is impossible (no network)
-outside CI. Under CI (the `CI` environment variable set) a failed download is an error.
+`load()` returns the two modules, or skips the calling test module when pip cannot download the sdist (no network)
+outside CI. Under CI (the `CI` environment variable set) a failed download is an error, and so, everywhere, is an
+sdist without the files.
 """
 
 import contextlib
@@ -87,6 +88,10 @@ config_common_kwargs = {k: v for k, v in _CANDIDATES.items() if k == "dtype" or 
 '''
 
 
+class FetchImpossible(RuntimeError):
+    """pip could not download the sdist (no network, no index)."""
+
+
 def version():
     return transformers.__version__
 
@@ -98,10 +103,13 @@ def _fetch(dest: Path):
             sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
             "--dest", tmp, f"transformers=={version()}",
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as error:
+            raise FetchImpossible(f"`{' '.join(command[2:])}` timed out") from error
         archives = list(Path(tmp).glob("transformers-*.tar.gz"))
         if result.returncode != 0 or not archives:
-            raise RuntimeError(f"`{' '.join(command[2:])}` failed:\n{(result.stderr or result.stdout)[-2000:]}")
+            raise FetchImpossible(f"`{' '.join(command[2:])}` failed:\n{(result.stderr or result.stdout)[-2000:]}")
         staging = Path(tmp) / "staging" / PACKAGE
         staging.mkdir(parents=True)
         with tarfile.open(archives[0]) as tar:
@@ -151,12 +159,10 @@ def load():
     """(test_modeling_common, test_configuration_common) of the installed transformers version."""
     try:
         root = package_dir()
-    except Exception as error:  # noqa: BLE001 - any failure to fetch is reported the same way
+    except FetchImpossible as error:  # anything else (e.g. the sdist lacks the files) fails the run
         if os.environ.get("CI"):
             raise
-        pytest.skip(
-            f"transformers' common tests could not be fetched (no network?): {error}", allow_module_level=True
-        )
+        pytest.skip(f"transformers' common tests could not be downloaded (no network?): {error}", allow_module_level=True)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     with warnings.catch_warnings():
