@@ -23,8 +23,9 @@ def test_shipped_files_describe_mean_pooling_over_the_encoder():
     assert pooling["pooling_mode_mean_tokens"] is True
     assert not any(v for k, v in pooling.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens")
     assert pooling["word_embedding_dimension"] == json.loads((REPO / "config.json").read_text())["hidden_size"]
+    # ALiBi runs past the training length (alibi_starting_size); the tokenizer's limit is max_position_embeddings.
     st_config = json.loads((REPO / "sentence_bert_config.json").read_text())
-    assert st_config["max_seq_length"] <= json.loads((REPO / "config.json").read_text())["alibi_starting_size"]
+    assert st_config["max_seq_length"] <= json.loads((REPO / "config.json").read_text())["max_position_embeddings"]
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,16 @@ def test_sentence_transformer_embeddings_are_mean_pooled_encoder_outputs(folder,
     embeddings = embedder.encode(TEXTS, batch_size=batch_size, convert_to_tensor=True)
     assert embeddings.shape == (len(TEXTS), 32)
     torch.testing.assert_close(embeddings, manual_mean_pooling(folder, TEXTS), rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_model_loads_as_sentence_transformer():
+    """This folder itself, with the weights it ships."""
+    from sentence_transformers import SentenceTransformer
+
+    if not list(REPO.glob("*.safetensors")):
+        pytest.skip("this folder ships no weights")
+    embedder = SentenceTransformer(str(REPO), trust_remote_code=True, device="cpu")
+    hidden = json.loads((REPO / "config.json").read_text())["hidden_size"]
+    embeddings = embedder.encode(TEXTS, convert_to_tensor=True)
+    assert embeddings.shape == (len(TEXTS), hidden)
+    torch.testing.assert_close(embeddings, manual_mean_pooling(REPO, TEXTS), rtol=1e-5, atol=1e-5)
