@@ -8,6 +8,7 @@ import lzma
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import types
@@ -513,8 +514,11 @@ def test_finetune_glue_bad_inputs(tiny_checkpoint, glue_dir, tmp_path):
     _write_tsv(tmp_path / "bad2" / "sst2" / "train.tsv", ("sentence", "label"), [("fine", 1), ("odd", 2)])
     with pytest.raises(ValueError, match="label 2.0 is not a class id"):
         run("--model", str(tiny_checkpoint), "--tasks", "sst2", "--data_dir", str(tmp_path / "bad2"))
+    no_weights = tmp_path / "no_weights"  # the folder's config and code without weights (this folder ships some)
+    no_weights.mkdir()
+    shutil.copy(REPO / "config.json", no_weights / "config.json")
     with pytest.raises(FileNotFoundError, match="No model weights"):
-        run("--model", str(REPO), "--tasks", "sst2", "--data_dir", str(glue_dir))
+        run("--model", str(no_weights), "--tasks", "sst2", "--data_dir", str(glue_dir))
     stock = tmp_path / "stock"
     transformers.BertForMaskedLM(transformers.BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
