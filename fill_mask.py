@@ -1,6 +1,6 @@
 """Fill the [MASK] in a sentence with the model in this folder (or another one) and print the top predictions.
 
-    python fill_mask.py "Paris is the [MASK] of France."
+    python fill_mask.py "She poured a cup of [MASK] and read the newspaper."
     python fill_mask.py --model path/to/checkpoint --top-k 10 "The [MASK] sat on the mat."
 """
 
