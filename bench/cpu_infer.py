@@ -42,21 +42,24 @@ def flops_per_token(hidden, layers, inter, glu, avg_attended):
 
 
 @torch.no_grad()
-def time_model(model, data, repeats):
-    model(input_ids=data[0][0], attention_mask=data[0][1])  # warm-up
-    best = float("inf")
+def time_models(models, data, repeats):
+    """Best-of-`repeats` seconds per model over all batches; the models alternate so drift hits both alike."""
+    for model in models:
+        model(input_ids=data[0][0], attention_mask=data[0][1])  # warm-up
+    best = [float("inf")] * len(models)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for ids, mask in data:
-            model(input_ids=ids, attention_mask=mask)
-        best = min(best, time.perf_counter() - t0)
+        for i, model in enumerate(models):
+            t0 = time.perf_counter()
+            for ids, mask in data:
+                model(input_ids=ids, attention_mask=mask)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,12 +77,13 @@ def main():
         real = sum(int(m.sum()) for _, m in data)
         attended = sum(int((m.sum(1) ** 2).sum()) for _, m in data) / real  # mean keys per real query
         padded_attended = sum(m.shape[1] * int(m.sum()) for _, m in data) / real
-        for name, model, glu, keys in (("MosaicBERT", ours, True, attended), ("HF BERT sdpa", hf, False, padded_attended)):
-            seconds = time_model(model, data, args.repeats)
+        seconds = time_models((ours, hf), data, args.repeats)
+        for (name, glu, keys), sec in zip((("MosaicBERT", True, attended), ("HF BERT sdpa", False, padded_attended)),
+                                          seconds):
             fpt = flops_per_token(768, 12, 3072, glu, keys)
             # HF BERT also computes every padded token.
             tokens_computed = real if glu else sum(m.numel() for _, m in data)
-            rows.append((kind, name, real / seconds, fpt * tokens_computed / seconds / 1e9))
+            rows.append((kind, name, real / sec, fpt * tokens_computed / sec / 1e9))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'batches':8} {'model':14} {'real tok/s':>10} {'GFLOP/s':>8} {'ratio':>6}")
     for i, (kind, name, tps, gflops) in enumerate(rows):
