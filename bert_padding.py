@@ -1,5 +1,8 @@
 """Moving tokens between the padded (batch, seqlen, ...) layout and the unpadded (total_tokens, ...) one.
 
+This module is the one home of padding and unpadding: the model removes padding once at its input with
+`unpad_input` and restores it once at its output with `pad_input`.
+
 Axes: b batch, s padded sequence length, t total valid tokens.
 The gather/scatter are autograd Functions because the indices are unique: the backward of a gather is a plain
 scatter (no accumulation), which is cheaper and deterministic on every device.
@@ -52,28 +55,44 @@ def index_put_first_axis(values: torch.Tensor, indices: torch.Tensor, first_axis
 
 
 def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
-    """(b,) lengths -> (b + 1,) int32 cumulative offsets starting at 0."""
+    """(n,) lengths -> (n + 1,) int32 cumulative offsets starting at 0."""
     return torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
 
 
-def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
+def valid_token_indices(attention_mask: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """(t,) int64 positions of the nonzero entries of `attention_mask` in its flattened layout, in order.
+
+    With `total` (the number of valid tokens, known on the host) no device value is read: each valid position is
+    scattered to its rank among the valid ones. Without it this is `nonzero`, which reads the count back.
+    """
+    flat = attention_mask.reshape(-1) != 0
+    if total is None:
+        return torch.nonzero(flat, as_tuple=False).flatten()
+    rank = torch.cumsum(flat, 0) - 1  # (b * s,) rank of each valid position among the valid ones
+    target = torch.where(flat, rank, total)  # padding writes to a spare slot past the end
+    positions = torch.arange(flat.numel(), device=flat.device)
+    return positions.new_empty(total + 1).scatter_(0, target, positions)[:total]
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, total: int | None = None):
     """Gather the valid tokens of a padded batch.
 
     Args:
         hidden_states: (b, s, ...) any dtype.
         attention_mask: (b, s), nonzero where the token is valid. Valid tokens need not be contiguous.
+        total: the number of valid tokens if the caller knows it (then nothing is read from the device).
 
     Returns:
         hidden_states: (t, ...) the valid tokens in row-major order.
         indices: (t,) int64 positions of those tokens in the flattened (b * s) layout.
         cu_seqlens: (b + 1,) int32 offsets of each row's tokens; rows without valid tokens have length 0.
-        max_seqlen: int, the longest row (a host sync).
+        max_seqlen: s, an upper bound of the longest row (the kernels need a bound, and reading the true
+            maximum would cost a device-to-host copy).
     """
-    seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    seqlens = (attention_mask != 0).sum(dim=-1, dtype=torch.int32)
+    indices = valid_token_indices(attention_mask, total)
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
-    return index_first_axis(flat, indices), indices, cu_seqlens_from_lengths(seqlens), max_seqlen
+    return index_first_axis(flat, indices), indices, cu_seqlens_from_lengths(seqlens), attention_mask.shape[1]
 
 
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -90,4 +109,5 @@ __all__ = [
     "index_put_first_axis",
     "pad_input",
     "unpad_input",
+    "valid_token_indices",
 ]

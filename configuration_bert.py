@@ -20,7 +20,7 @@ class BertConfig(PretrainedConfig):
         num_hidden_layers (`int`, *optional*, defaults to 12):
             Number of encoder layers.
         num_attention_heads (`int`, *optional*, defaults to 12):
-            Number of attention heads; must divide `hidden_size`.
+            Number of attention heads; must divide `hidden_size` (checked when a model is built).
         intermediate_size (`int`, *optional*, defaults to 3072):
             Width of the gated MLP (its input projection is `2 * intermediate_size` wide).
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
@@ -51,6 +51,10 @@ class BertConfig(PretrainedConfig):
         low_precision_layernorm (`bool`, *optional*, defaults to `False`):
             Under bf16/fp16 autocast, run LayerNorm in the autocast dtype instead of autocast's float32 (faster;
             MosaicBERT's pretraining did this). No effect outside autocast. The pretraining script turns it on.
+        sparse_prediction (`bool`, *optional*, defaults to `False`):
+            With labels, `BertForMaskedLM` returns `logits` only for the labelled tokens, `(m, vocab)` in row-major
+            order, instead of a dense `(batch, seq_len, vocab)` tensor that is zero elsewhere (ModernBERT's
+            convention; the pretraining script turns it on).
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Whether the MLM decoder shares its weight with the word embeddings.
 
@@ -85,6 +89,7 @@ class BertConfig(PretrainedConfig):
         alibi_starting_size=512,
         attention_backend="auto",
         low_precision_layernorm=False,
+        sparse_prediction=False,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -105,6 +110,7 @@ class BertConfig(PretrainedConfig):
         self.alibi_starting_size = alibi_starting_size
         self.attention_backend = attention_backend
         self.low_precision_layernorm = low_precision_layernorm
+        self.sparse_prediction = sparse_prediction
         self.tie_word_embeddings = tie_word_embeddings
         # transformers 4.x's base __init__ sets these two from its own arguments: pass them through.
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -130,11 +136,10 @@ class BertConfig(PretrainedConfig):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"The hidden size ({self.hidden_size}) is not a multiple of the number of attention heads "
-                f"({self.num_attention_heads})."
-            )
+        # hidden_size % num_attention_heads is checked where the model is built (BertUnpadSelfAttention), as in
+        # transformers' BERT: transformers' ConfigTester builds configs that only a model would reject.
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         for name, value in (
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),

@@ -4,10 +4,13 @@ Axes used in shape comments:
     b batch, s padded sequence length, t total valid tokens, n sequences (documents), h heads, d head dim,
     m masked (labelled) tokens, v vocabulary, c choices.
 
-The encoder gathers the valid tokens once (`bert_padding.unpad_input`), runs every Linear, LayerNorm, MLP and
-attention on `(total_tokens, hidden)`, and pads back once at the end. Attention sees the batch as
-`cu_seqlens` / `max_seqlen` (flash-attn's varlen vocabulary); `varlen_attention` is the one place that picks
-the implementation.
+One forward pass, top to bottom:
+    inputs -> `validate_inputs` (every check, at most one device-to-host read)
+           -> `build_layout` (unpad once with `bert_padding.unpad_input`; pick the attention function once)
+           -> `BertEmbeddings` -> `BertEncoder.forward` (the layer loop) -> subset for sparse MLM
+           -> `TokenLayout.pad` (pad back once) -> heads.
+Attention implementations are plain functions in one table, `ATTENTION_FUNCTIONS`; `resolve_attention` is the
+one place that picks an entry.
 """
 
 import math
@@ -19,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import __version__ as transformers_version
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -28,28 +32,35 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
-from .bert_padding import cu_seqlens_from_lengths, index_first_axis, index_put_first_axis
+from .bert_padding import (
+    cu_seqlens_from_lengths,
+    index_first_axis,
+    index_put_first_axis,
+    pad_input,
+    unpad_input,
+    valid_token_indices,
+)
 from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, flash_attn_varlen_qkvpacked_func
+from .fused_ops import add_dropout_layer_norm, gated_gelu
 
 try:  # transformers >= 5: init functions that leave loaded weights alone
     from transformers import initialization as init
 except ImportError:  # transformers 4.x
     from torch.nn import init
 
-try:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # transformers < 4.52
-    GradientCheckpointingLayer = nn.Module
-
 TRANSFORMERS_V4 = int(transformers_version.split(".")[0]) < 5
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
-# Elements of one (sequences, heads, L, L) score block in the plain attention path before it is split.
-_PLAIN_ATTENTION_CHUNK = 1 << 26
+# The plain attention path materializes one (sequences, heads, L, L) block of scores per bucket; buckets are split
+# so that a block holds at most this many elements.
+_PLAIN_ATTENTION_SCORES = 1 << 26
+# Keyword arguments of transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True).
+FLASH_ATTN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -70,54 +81,63 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def exporting():
+    """True while torch.onnx, torch.export or torch.jit traces the model."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
+
+
+def tracing():
+    """True while any tracer runs the model (export or torch.compile): nothing may be read back to the host."""
+    return exporting() or torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Attention over unpadded tokens
+# Sequences: how the tokens of one forward split into sequences, shared by every layer
 
 
 @dataclass
-class VarlenBatch:
-    """The sequences of a batch as offsets into the unpadded token axis, shared by every layer of one forward.
+class VarlenSequences:
+    """Sequences as offsets into the unpadded token axis (flash-attn's varlen vocabulary).
 
-    `cu_seqlens` (n + 1,) int32 and `max_seqlen` describe the sequences. The plain attention path groups
-    sequences of similar length into buckets, built on first use and reused by every layer.
+    `cu_seqlens` (n + 1,) int32; `max_seqlen` an upper bound of the longest sequence (the padded width unless the
+    caller gave a tighter one). `buckets` groups sequences of similar length for the plain path; it is built with
+    the layout when that path runs, so no layer reads the device.
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    _buckets: list = field(default=None, repr=False)
+    buckets: list | None = None
     _bias: dict = field(default_factory=dict, repr=False)
 
-    def buckets(self):
-        """Groups of sequences whose lengths lie within 20% of the group's longest: [(seq ids, length), ...]."""
-        if self._buckets is None:
-            seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-            order = sorted((i for i, n in enumerate(seqlens) if n > 0), key=lambda i: -seqlens[i])
-            groups = []
-            for i in order:
-                if groups and seqlens[i] >= 0.8 * groups[-1][1]:
-                    groups[-1][0].append(i)
-                else:
-                    groups.append(([i], seqlens[i]))
-            self._buckets = []
-            device = self.cu_seqlens.device
-            cu = self.cu_seqlens.long()
-            for ids, length in groups:
-                # Split so one block of scores stays bounded (the plain path materializes it).
-                per_chunk = max(1, _PLAIN_ATTENTION_CHUNK // (length * length * 16))
-                for k in range(0, len(ids), per_chunk):
-                    chunk = torch.tensor(ids[k : k + per_chunk], device=device)
-                    starts, lengths = cu[chunk], cu[chunk + 1] - cu[chunk]
-                    offsets = torch.arange(length, device=device)
-                    valid = offsets[None, :] < lengths[:, None]  # (n, L)
-                    token_index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # (n, L)
-                    self._buckets.append((chunk, length, token_index, valid))
-        return self._buckets
+    def build_buckets(self):
+        """Groups of sequences whose lengths lie within 20% of the group's longest: [(seq ids, L, tokens, valid)]."""
+        seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        order = sorted((i for i, n in enumerate(seqlens) if n > 0), key=lambda i: -seqlens[i])
+        groups = []
+        for i in order:
+            if groups and seqlens[i] >= 0.8 * groups[-1][1]:
+                groups[-1][0].append(i)
+            else:
+                groups.append(([i], seqlens[i]))
+        device = self.cu_seqlens.device
+        cu = self.cu_seqlens.long()
+        self.buckets = []
+        for ids, length in groups:
+            per_chunk = max(1, _PLAIN_ATTENTION_SCORES // (length * length * 16))  # 16: heads of a large model
+            for k in range(0, len(ids), per_chunk):
+                chunk = torch.tensor(ids[k : k + per_chunk], device=device)
+                starts, lengths = cu[chunk], cu[chunk + 1] - cu[chunk]
+                offsets = torch.arange(length, device=device)
+                valid = offsets[None, :] < lengths[:, None]  # (n, L)
+                token_index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # (n, L)
+                self.buckets.append((length, token_index, valid))
 
     def bias(self, bucket_id, slopes, dtype):
         """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype`, cached across layers."""
         key = (bucket_id, dtype)
         if key not in self._bias:
-            _, length, _, valid = self._buckets[bucket_id]
+            length, _, valid = self.buckets[bucket_id]
             pos = torch.arange(length, device=slopes.device)
             distance = (pos[None, :] - pos[:, None]).abs().to(torch.float32)  # (L, L)
             alibi = -slopes.float()[:, None, None] * distance  # (h, L, L)
@@ -127,40 +147,14 @@ class VarlenBatch:
         return self._bias[key]
 
 
-def torch_varlen_attention(qkv, batch: VarlenBatch, slopes, dropout_p=0.0):
-    """Reference attention in plain PyTorch, one SDPA call per bucket of similar lengths.
-
-    Args:
-        qkv: (t, 3, h, d).
-        batch: the sequences.
-        slopes: (h,) float32 ALiBi slopes.
-    Returns:
-        context (t, h, d) in qkv's dtype.
-    Half-precision inputs are computed in float32 (the ALiBi bias of distant tokens does not fit fp16/bf16
-    resolution) and cast back.
-    """
-    total, _, heads, head_dim = qkv.shape
-    compute_dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
-    values, token_ids = [], []
-    for bucket_id, (seq_ids, length, token_index, valid) in enumerate(batch.buckets()):
-        n = seq_ids.numel()
-        x = qkv.index_select(0, token_index.flatten()).view(n, length, 3, heads, head_dim).to(compute_dtype)
-        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
-        bias = batch.bias(bucket_id, slopes, compute_dtype)  # (n, h, L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-        out = out.transpose(1, 2)  # (n, L, h, d)
-        values.append(out[valid])
-        token_ids.append(token_index[valid])
-    return index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype)
-
-
 @dataclass
-class DenseBatch:
-    """The sequences of a batch in the padded (b, s) layout, for the dense path (the alternative to VarlenBatch).
+class DenseSequences:
+    """Sequences of the padded (b, s) layout as masks, for the dense path: nothing is unpadded, nothing is read
+    back to the host, so it traces and exports.
 
     `valid` (b, s) bool marks real tokens; `seq_id` (b, s) numbers the sequences within each row (a row may hold
     several packed documents); `rank` (b, s) counts the valid tokens of the row before each token, so within one
-    sequence |rank_i - rank_j| is the ALiBi distance. Everything is a tensor: the dense path never syncs the host.
+    sequence |rank_i - rank_j| is the ALiBi distance.
     """
 
     valid: torch.Tensor
@@ -180,90 +174,383 @@ class DenseBatch:
         return self._bias[dtype]
 
 
-def dense_attention(qkv, batch: DenseBatch, slopes, dropout_p=0.0):
-    """Attention over the padded layout with one dense mask: no unpadding and no host sync, so it traces and exports.
+# ----------------------------------------------------------------------------------------------------------------
+# Attention functions: (qkv (t, 3, h, d), sequences, slopes (h,) float32, dropout_p) -> (context (t, h, d), probs)
 
-    Args:
-        qkv: (b * s, 3, h, d), every position of the padded batch.
-        batch: the sequences, as masks over (b, s).
-        slopes: (h,) float32 ALiBi slopes.
-    Returns:
-        context (b * s, h, d) in qkv's dtype, and the probabilities (b, h, s, s): zero for keys outside the
-        query's sequence and for padded queries. Exact: hidden keys get probability exactly 0.
+
+def _compute_dtype(dtype):
+    # The ALiBi bias of distant tokens does not fit fp16/bf16 resolution: the plain paths compute in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def triton_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
+    """The FlashAttention kernel with in-kernel ALiBi (flash_attn_triton.py); never forms the probabilities."""
+    out = flash_attn_varlen_qkvpacked_func(qkv, sequences.cu_seqlens, sequences.max_seqlen, alibi_slopes=slopes)
+    return out, None
+
+
+def torch_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
+    """Plain PyTorch over unpadded tokens: one SDPA call per bucket of similar lengths (no tensor larger than a
+    bucket's longest sequence). Slots past a sequence's end are zeros, so nothing (not even a NaN) crosses from
+    one sequence into another."""
+    total, _, heads, head_dim = qkv.shape
+    values, token_ids = [], []
+    for bucket_id, (length, token_index, valid) in enumerate(sequences.buckets):
+        n = token_index.shape[0]
+        x = qkv.index_select(0, token_index.flatten()).view(n, length, 3, heads, head_dim)
+        x = torch.where(valid[:, :, None, None, None], x, 0).to(_compute_dtype(qkv.dtype))
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
+        bias = sequences.bias(bucket_id, slopes, x.dtype)  # (n, h, L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        values.append(out.transpose(1, 2)[valid])  # (tokens of the bucket, h, d)
+        token_ids.append(token_index[valid])
+    return index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype), None
+
+
+def dense_attention(qkv, sequences: DenseSequences, slopes, dropout_p=0.0):
+    """Attention over the padded layout with one dense mask; returns the probabilities (b, h, s, s).
+
+    qkv: (b * s, 3, h, d), every position of the padded batch. Probabilities are exactly zero for keys outside the
+    query's sequence and for padded queries; padded positions' q/k/v are zeroed first so they cannot leak NaN.
     """
-    b, s = batch.valid.shape
+    b, s = sequences.valid.shape
     heads, head_dim = qkv.shape[2], qkv.shape[3]
-    compute_dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
-    q, k, v = qkv.view(b, s, 3, heads, head_dim).to(compute_dtype).permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, s, d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + batch.bias(slopes, compute_dtype)
-    probs = torch.softmax(scores, dim=-1) * batch.valid[:, None, :, None].to(compute_dtype)  # (b, h, s, s)
+    valid = sequences.valid.reshape(-1)
+    x = torch.where(valid[:, None, None, None], qkv, 0).to(_compute_dtype(qkv.dtype))
+    q, k, v = x.view(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, s, d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + sequences.bias(slopes, x.dtype)
+    probs = torch.softmax(scores, dim=-1) * sequences.valid[:, None, :, None].to(x.dtype)  # (b, h, s, s)
     out = torch.matmul(F.dropout(probs, p=dropout_p), v).transpose(1, 2)  # (b, s, h, d)
     return out.reshape(b * s, heads, head_dim).to(qkv.dtype), probs
 
 
-def exporting():
-    """True while torch.onnx, torch.export or torch.jit traces the model."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
-
-
-def use_dense_path(output_attentions):
-    """Whether the encoder runs on the padded layout with dense attention instead of unpadded tokens.
-
-    For `output_attentions` (the probabilities are formed anyway, and stay on the gradient path) and while
-    exporting (the unpadded path sizes its tensors on the host). Slower on ragged batches; outputs are the same.
-    """
-    return output_attentions or exporting()
-
+# name -> (function, sequences it reads, implements attention dropout)
+ATTENTION_FUNCTIONS = {
+    "triton": (triton_attention, VarlenSequences, False),
+    "torch": (torch_attention, VarlenSequences, True),
+    "dense": (dense_attention, DenseSequences, True),
+}
 
 _logged_backends = set()
 
 
-def select_attention_backend(config, qkv, dropout_p, output_attentions):
-    """The one place that picks the attention implementation: "triton" or "torch".
+def kernel_available(device, dtype):
+    return HAS_TRITON and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
-    "auto" takes the Triton kernel on CUDA for fp16/bf16 when triton is installed, else the plain path.
-    `output_attentions=True` always uses the plain path (the kernel never forms the probabilities). Attention
-    dropout is not implemented in the kernel: asking for both is an error, never a silent switch.
+
+def resolve_attention(config, device, dtype, dropout_p, output_attentions=False):
+    """The one place that picks the attention function, once per forward: a key of `ATTENTION_FUNCTIONS`.
+
+    `output_attentions`, export and torch.compile of the plain path take "dense" (the probabilities are formed,
+    nothing is read back to the host). Otherwise `config.attention_backend`: "auto" takes the Triton kernel on
+    CUDA for fp16/bf16 when triton is installed, else "torch"; "triton" requires the kernel. An attention dropout
+    the chosen function does not implement is an error, never a silent switch.
     """
     requested = config.attention_backend
-    kernel_ok = HAS_TRITON and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
-    if requested == "torch" or output_attentions:
-        backend = "torch"
-    elif requested == "triton":
-        if not kernel_ok:
+    if output_attentions or exporting():
+        name = "dense"
+    elif requested == "triton" or (requested == "auto" and kernel_available(device, dtype)):
+        if not kernel_available(device, dtype):
             raise ValueError(
                 "attention_backend='triton' needs triton installed and fp16/bf16 CUDA inputs; got "
-                f"triton installed={HAS_TRITON}, device={qkv.device}, dtype={qkv.dtype}."
+                f"triton installed={HAS_TRITON}, device={device}, dtype={dtype}."
             )
-        backend = "triton"
+        name = "triton"
     else:
-        backend = "triton" if kernel_ok else "torch"
-    if backend == "triton" and dropout_p > 0:
+        name = "dense" if torch.compiler.is_compiling() else "torch"
+    if dropout_p > 0 and not ATTENTION_FUNCTIONS[name][2]:
         raise ValueError(
-            f"attention_probs_dropout_prob={dropout_p} is not supported by the Triton attention kernel; set "
+            f"attention_probs_dropout_prob={dropout_p} is not supported by the {name!r} attention; set "
             "config.attention_probs_dropout_prob=0.0 or config.attention_backend='torch'."
         )
-    if (requested, backend) not in _logged_backends:
-        _logged_backends.add((requested, backend))
-        logger.info(f"MosaicBERT attention: backend {backend!r} (attention_backend={requested!r}).")
-    return backend
+    if (requested, name) not in _logged_backends and not tracing():
+        _logged_backends.add((requested, name))
+        logger.info(f"MosaicBERT attention: {name!r} (attention_backend={requested!r}).")
+    return name
 
 
-def varlen_attention(config, qkv, batch, slopes, dropout_p, output_attentions=False):
-    """Attention over the tokens of `batch`. qkv: (t, 3, h, d) -> ((t, h, d), probabilities (b, h, s, s) or None).
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: validation and the token layout
 
-    A `DenseBatch` takes the dense path (t = b * s); a `VarlenBatch` the kernel or the plain path.
+
+@dataclass
+class ModelInputs:
+    """The inputs of one forward, validated. `total` is the number of valid tokens when it was read (None while
+    tracing or without a mask); `packed` is True when `position_ids` or `cu_seqlens` split rows into documents."""
+
+    batch_size: int
+    seqlen: int
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    token_type_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int | None
+    total: int | None
+    labelled: int | None = None
+
+    @property
+    def device(self):
+        return (self.input_ids if self.input_ids is not None else self.inputs_embeds).device
+
+    @property
+    def packed(self):
+        return self.position_ids is not None or self.cu_seqlens is not None
+
+
+def _check_shape(name, tensor, shape):
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)} (the shape of the input).")
+
+
+def _range_check(name, tensor, low, high, ignore=None):
+    """Deferred check that `tensor` lies in [low, high) (entries equal to `ignore` aside): the (2,) bounds to read
+    and a function raising on them. The caller reads the bounds of every check at once."""
+    if tensor.numel() == 0:
+        return []
+    values = tensor.long()
+    if ignore is not None:
+        values = torch.where(values != ignore, values, low)  # ignored entries read as in range
+    bounds = torch.stack([values.min(), values.max()])
+
+    def check(lo, hi):
+        if lo < low or hi >= high:
+            what = f"[{low}, {high})" + ("" if ignore is None else f" and not {ignore}")
+            raise ValueError(f"`{name}` contains {lo if lo < low else hi}, outside {what}.")
+
+    return [(bounds, check)]
+
+
+def packed_kwargs(kwargs, cu_seqlens, max_seqlen):
+    """Take transformers' flash-attention kwargs (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) out
+    of `kwargs` as the same packed input as `cu_seqlens` / `max_seqlen`."""
+    given = {k: kwargs.pop(k) for k in FLASH_ATTN_KWARGS if k in kwargs}
+    if not given:
+        return cu_seqlens, max_seqlen
+    cu_q, cu_k = given.get("cu_seq_lens_q"), given.get("cu_seq_lens_k")
+    if cu_q is None or (cu_k is not None and not torch.equal(cu_q.cpu(), cu_k.cpu())):
+        raise ValueError("MosaicBERT is an encoder: `cu_seq_lens_q` is required and `cu_seq_lens_k` must equal it.")
+    if cu_seqlens is not None:
+        raise ValueError("Pass the document offsets once: either `cu_seqlens` or `cu_seq_lens_q`/`cu_seq_lens_k`.")
+    max_q = given.get("max_length_q", max_seqlen)
+    max_k = given.get("max_length_k", max_q)
+    if max_q is not None and int(max_q) != int(max_k):
+        raise ValueError(f"`max_length_q` ({max_q}) and `max_length_k` ({max_k}) must be equal for an encoder.")
+    return cu_q, None if max_q is None else int(max_q)
+
+
+def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None,
+                    position_ids=None, cu_seqlens=None, max_seqlen=None, label_checks=(),
+                    subset_labels=None) -> ModelInputs:
+    """Every check of the inputs, in one place. Shapes and dtypes are checked on the host; values (ids in range,
+    a 0/1 mask, labels in range, the number of valid tokens) are read from the device together, in one read, and
+    not at all while tracing. `label_checks`: (name, tensor, low, high, ignore) of the head's labels;
+    `subset_labels` (b, s): also count the labelled (not -100) tokens, for sparse MLM."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got shape {tuple(input_ids.shape)}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
+        batch_size, seqlen = input_ids.shape
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq_len, {config.hidden_size}), "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
+        batch_size, seqlen = inputs_embeds.shape[:2]
+    if batch_size == 0 or seqlen == 0:
+        raise ValueError(f"The batch is empty: input shape (batch={batch_size}, seq_len={seqlen}).")
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    _check_shape("attention_mask", attention_mask, (batch_size, seqlen))
+    _check_shape("token_type_ids", token_type_ids, (batch_size, seqlen))
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1 and batch_size > 1:
+        position_ids = position_ids.expand(batch_size, -1)
+    _check_shape("position_ids", position_ids, (batch_size, seqlen))
+    _check_shape("labels", subset_labels, (batch_size, seqlen))
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        if attention_mask.dtype.is_complex:
+            raise ValueError(f"`attention_mask` must hold 0/1 or bool, got dtype {attention_mask.dtype}.")
+    if cu_seqlens is not None:
+        cu_seqlens = _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device)
+
+    if tracing():  # a traced graph cannot raise on values
+        return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                           cu_seqlens, max_seqlen, None)
+    checks = []
+    if input_ids is not None:
+        checks += _range_check("input_ids", input_ids, 0, config.vocab_size)
+    if token_type_ids is not None:
+        checks += _range_check("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+    for name, tensor, low, high, ignore in label_checks:
+        if tensor is not None:
+            checks += _range_check(name, tensor, low, high, ignore)
+    values = [bounds for bounds, _ in checks]
+    if attention_mask is not None:
+        # entries other than 0/1 (an additive 0/-10000 mask, say), and the number of valid tokens
+        values.append(torch.stack([((attention_mask != 0) & (attention_mask != 1)).sum(), (attention_mask != 0).sum()]))
+    if cu_seqlens is not None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        values.append(torch.stack([lengths.min(), lengths.max()]).long())
+    if subset_labels is not None:
+        labelled = subset_labels != IGNORE_INDEX
+        if attention_mask is not None:
+            labelled = labelled & (attention_mask != 0)
+        values.append(labelled.sum().reshape(1))
+    read = torch.cat(values).tolist() if values else []  # the one device-to-host read
+    for k, (_, check) in enumerate(checks):
+        check(*read[2 * k : 2 * k + 2])
+    read = read[2 * len(checks) :]
+    total = None
+    if attention_mask is not None:
+        bad, total = read[:2]
+        read = read[2:]
+        if bad:
+            raise ValueError(
+                "`attention_mask` must hold 1 for tokens and 0 for padding (or bool); it has other values, e.g. "
+                f"{attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()}. An additive "
+                "mask (0 / -10000) is not accepted: pass `(additive_mask == 0).long()`."
+            )
+        if total == 0:
+            raise ValueError(
+                "`attention_mask` is all zeros: the batch has no tokens to encode. Drop empty batches before the "
+                "model (a batch with some empty rows is fine: their outputs are zeros)."
+            )
+    if cu_seqlens is not None:
+        shortest, longest = read[:2]
+        if shortest < 0:
+            raise ValueError(f"`cu_seqlens` must not decrease; got {cu_seqlens.tolist()}.")
+        if max_seqlen is not None and int(max_seqlen) < longest:
+            raise ValueError(
+                f"max_seqlen={int(max_seqlen)} is below the longest sequence ({longest}) in `cu_seqlens`."
+            )
+        max_seqlen = longest if max_seqlen is None else int(max_seqlen)
+        read = read[2:]
+    labelled = read[0] if subset_labels is not None else None
+    return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                       cu_seqlens, max_seqlen, total, labelled)
+
+
+def _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device):
+    if batch_size != 1:
+        raise ValueError(f"`cu_seqlens` describes a packed input of one row, but the batch has {batch_size} rows.")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(f"`cu_seqlens` must be a 1-D integer tensor of length n + 1, got {cu_seqlens!r}.")
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    if not tracing():
+        first, last = cu_seqlens[[0, -1]].tolist()
+        if first != 0 or last != seqlen:
+            raise ValueError(
+                f"`cu_seqlens` must rise from 0 to the input length {seqlen}; got first={first}, last={last}."
+            )
+    return cu_seqlens
+
+
+@dataclass
+class TokenLayout:
+    """Where the tokens of a (b, s) input are, how they split into sequences, and which attention function runs.
+
+    `indices` (t,) are the flat (b * s) positions of the tokens that are computed (None: every position, as for
+    an input without padding or the dense path); `sequences` describes the sequences for attention; `attention`
+    is the key of `ATTENTION_FUNCTIONS` chosen for this forward; `first_index` (n,) is the row of each sequence's
+    first token among the computed tokens (-1 for an empty row), for the pooler.
     """
-    if isinstance(batch, DenseBatch):
-        return dense_attention(qkv, batch, slopes, dropout_p)
-    backend = select_attention_backend(config, qkv, dropout_p, output_attentions)
-    if backend == "triton":
-        out = flash_attn_varlen_qkvpacked_func(
-            qkv, batch.cu_seqlens, batch.max_seqlen, alibi_slopes=slopes.float()
-        )
-        return out, None
-    return torch_varlen_attention(qkv, batch, slopes, dropout_p), None
+
+    batch_size: int
+    seqlen: int
+    indices: torch.Tensor | None
+    sequences: VarlenSequences | DenseSequences
+    attention: str
+    first_index: torch.Tensor
+    packed: bool
+
+    def unpad(self, x):
+        """(b, s, ...) -> (t, ...)"""
+        flat = x.reshape(self.batch_size * self.seqlen, *x.shape[2:])
+        return flat if self.indices is None else index_first_axis(flat, self.indices)
+
+    def pad(self, x):
+        """(t, ...) -> (b, s, ...) with zeros at padding."""
+        if self.indices is not None:
+            return pad_input(x, self.indices, self.batch_size, self.seqlen)
+        if isinstance(self.sequences, DenseSequences):
+            x = torch.where(self.sequences.valid.reshape(-1, *[1] * (x.dim() - 1)), x, 0)
+        return x.view(self.batch_size, self.seqlen, *x.shape[1:])
+
+    def flat_index(self, token_idx):
+        """Positions in the flattened (b * s) input of the computed tokens `token_idx`."""
+        return token_idx if self.indices is None else self.indices[token_idx]
+
+    def first_tokens(self, hidden):
+        """(t, hidden) -> (n, hidden): each sequence's first valid token (zeros for an empty row)."""
+        picked = hidden.index_select(0, self.first_index.clamp(min=0, max=max(hidden.shape[0] - 1, 0)))
+        return torch.where((self.first_index >= 0)[:, None], picked, 0)
+
+
+def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
+    """The layout for the attention function `attention`: unpadded tokens (`VarlenSequences`) or the padded
+    batch with masks (`DenseSequences`). Reads nothing from the device (the number of valid tokens was read with
+    the other checks)."""
+    b, s = inputs.batch_size, inputs.seqlen
+    device = inputs.device
+    mask = inputs.attention_mask
+    if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
+        return _dense_layout(inputs, attention)
+
+    if mask is None or inputs.total == b * s:
+        indices, row_lengths = None, torch.full((b,), s, dtype=torch.int32, device=device)
+        cu_rows = cu_seqlens_from_lengths(row_lengths)
+    else:
+        _, indices, cu_rows, _ = unpad_input(mask[..., None], mask, inputs.total)
+        row_lengths = cu_rows[1:] - cu_rows[:-1]
+    max_seqlen = s
+    if inputs.cu_seqlens is not None:  # one row of packed documents, no padding
+        cu, max_seqlen = inputs.cu_seqlens, inputs.max_seqlen
+    elif inputs.position_ids is not None:
+        # Packed documents: a sequence starts at each row's first token and wherever position_ids is 0.
+        positions = inputs.position_ids.reshape(-1)
+        positions = positions if indices is None else positions[indices]
+        starts = positions == 0
+        starts[cu_rows[:-1][row_lengths > 0].long()] = True
+        cu = torch.cat([torch.nonzero(starts).flatten(), starts.new_tensor([starts.numel()], dtype=torch.long)])
+        cu = cu.to(torch.int32)
+    else:
+        cu = cu_rows
+    sequences = VarlenSequences(cu, max_seqlen)
+    if attention == "torch":
+        sequences.build_buckets()
+    # First token of each sequence, as a row of the computed tokens; an empty sequence has none (-1).
+    first_index = torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
+    return TokenLayout(b, s, indices, sequences, attention, first_index, inputs.packed)
+
+
+def _dense_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
+    b, s = inputs.batch_size, inputs.seqlen
+    device = inputs.device
+    valid = (
+        torch.ones(b, s, dtype=torch.bool, device=device) if inputs.attention_mask is None
+        else inputs.attention_mask != 0
+    )
+    rank = valid.long().cumsum(-1) - 1  # (b, s): valid tokens before each one in its row
+    starts = valid & (rank == 0)  # each row's first valid token
+    if inputs.position_ids is not None:
+        starts = starts | (valid & (inputs.position_ids == 0))
+    if inputs.cu_seqlens is not None:  # one row; a trailing empty document marks index s, dropped by the slice
+        marks = torch.zeros(s + 1, dtype=torch.bool, device=device)
+        starts = starts | marks.index_fill(0, inputs.cu_seqlens[:-1].long(), True)[None, :s]
+    if inputs.cu_seqlens is not None:  # one row: flat positions are the offsets; an empty document has none
+        cu = inputs.cu_seqlens
+        first_index = torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
+    elif inputs.packed:
+        first_index = torch.nonzero(starts.flatten()).flatten()
+    else:  # each row's first valid token: the first maximum of `valid`
+        first = valid.to(torch.int8).argmax(-1) + torch.arange(b, device=device) * s
+        first_index = torch.where(valid.any(-1), first, -1)
+    sequences = DenseSequences(valid, starts.long().cumsum(-1), rank)
+    return TokenLayout(b, s, None, sequences, attention, first_index, inputs.packed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,31 +558,36 @@ def varlen_attention(config, qkv, batch, slopes, dropout_p, output_attentions=Fa
 
 
 class BertLayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` that can run in low precision under autocast.
+    """LayerNorm whose normalization runs fused with the residual add and dropout before it
+    (`fused_ops.add_dropout_layer_norm`: one pass, float32 statistics).
 
-    Autocast runs LayerNorm in float32 and returns float32, which doubles the bytes of the residual stream. With
-    `config.low_precision_layernorm`, inside a bf16/fp16 autocast region the input, weight and bias are cast to
-    the autocast dtype and the normalization runs (and returns) in it, as MosaicBERT pretraining did. Outside
-    autocast it is a plain LayerNorm: fp32 models stay fp32.
+    Output dtype: outside autocast, the promoted dtype of the inputs (fp32 models stay fp32). Under autocast,
+    float32 as autocast's own LayerNorm gives, or with `config.low_precision_layernorm` the autocast dtype, as
+    MosaicBERT pretraining did (half the bytes in the residual stream).
     """
 
     def __init__(self, hidden_size, eps, low_precision=False):
         super().__init__(hidden_size, eps=eps)
         self.low_precision = low_precision
 
-    def forward(self, x):
+    def forward(self, x, residual=None, dropout_p=0.0):
+        """LayerNorm(dropout(x) + residual); dropout only in training."""
+        out_dtype = None
         device_type = x.device.type
-        if self.low_precision and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return F.layer_norm(
-                    x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps
-                )
-        return super().forward(x)
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type) if self.low_precision else torch.float32
+        return add_dropout_layer_norm(
+            x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p, training=self.training,
+            out_dtype=out_dtype,
+        )
 
 
 def layer_norm(config):
     return BertLayerNorm(config.hidden_size, config.layer_norm_eps, config.low_precision_layernorm)
+
+
+def classifier_dropout(config):
+    return nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
 
 
 class BertEmbeddings(nn.Module):
@@ -322,18 +614,21 @@ class BertEmbeddings(nn.Module):
 class BertUnpadSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"The hidden size ({config.hidden_size}) is not a multiple of the number of attention heads "
+                f"({config.num_attention_heads})."
+            )
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states, batch, slopes, output_attentions=False):
-        # hidden_states: (t, hidden) -> qkv: (t, 3, h, d)
-        qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_attention_heads, self.attention_head_size)
-        dropout_p = self.dropout_p if self.training else 0.0
-        context, probs = varlen_attention(self.config, qkv, batch, slopes, dropout_p, output_attentions)
-        return context.reshape(context.shape[0], -1), probs  # (t, hidden)
+    def forward(self, hidden_states, layout, slopes):
+        qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
+        attend = ATTENTION_FUNCTIONS[layout.attention][0]
+        context, probs = attend(qkv, layout.sequences, slopes, self.dropout_p if self.training else 0.0)
+        return context.reshape(context.shape[0], -1), probs  # (t, hidden), (b, h, s, s) or None
 
 
 class BertSelfOutput(nn.Module):
@@ -344,7 +639,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+        return self.LayerNorm(self.dense(hidden_states), residual, dropout_p=self.dropout.p)
 
 
 class BertUnpadAttention(nn.Module):
@@ -353,8 +648,8 @@ class BertUnpadAttention(nn.Module):
         self.self = BertUnpadSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, batch, slopes, subset_idx=None, output_attentions=False):
-        context, probs = self.self(hidden_states, batch, slopes, output_attentions)
+    def forward(self, hidden_states, layout, slopes, subset_idx=None):
+        context, probs = self.self(hidden_states, layout, slopes)
         if subset_idx is not None:  # only these rows are needed after attention (sparse MLM, last layer)
             context = index_first_axis(context, subset_idx)
             hidden_states = index_first_axis(hidden_states, subset_idx)
@@ -362,21 +657,18 @@ class BertUnpadAttention(nn.Module):
 
 
 class BertGatedLinearUnitMLP(nn.Module):
-    """Gated-GELU MLP: GELU(x W_g) * (x W_v), then W_o, dropout, residual and post-LayerNorm."""
+    """Gated-GELU MLP: GELU(x W_g) * (x W_v) (one fused pass), dropout, W_o, then residual + post-LayerNorm."""
 
     def __init__(self, config):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.act = nn.GELU(approximate="none")
         self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layernorm = layer_norm(config)
 
     def forward(self, hidden_states):
-        gated, non_gated = self.gated_layers(hidden_states).split(self.intermediate_size, dim=-1)
-        out = self.wo(self.dropout(self.act(gated) * non_gated))
-        return self.layernorm(out + hidden_states)
+        glu = gated_gelu(self.gated_layers(hidden_states))  # (t, 2 * intermediate) -> (t, intermediate)
+        return self.layernorm(self.wo(self.dropout(glu)), hidden_states)
 
 
 class BertLayer(GradientCheckpointingLayer):
@@ -385,8 +677,8 @@ class BertLayer(GradientCheckpointingLayer):
         self.attention = BertUnpadAttention(config)
         self.mlp = BertGatedLinearUnitMLP(config)
 
-    def forward(self, hidden_states, batch, slopes, subset_idx=None, output_attentions=False):
-        hidden_states, probs = self.attention(hidden_states, batch, slopes, subset_idx, output_attentions)
+    def forward(self, hidden_states, layout, slopes, subset_idx=None):
+        hidden_states, probs = self.attention(hidden_states, layout, slopes, subset_idx)
         return self.mlp(hidden_states), probs
 
 
@@ -403,6 +695,37 @@ class BertEncoder(nn.Module):
         if self.alibi_slopes.dtype != torch.float32:
             return alibi_slopes(self.config.num_attention_heads).to(self.alibi_slopes.device)
         return self.alibi_slopes
+
+    def forward(self, hidden, layout, subset_idx=None, output_hidden_states=False, output_attentions=False):
+        """hidden (t, hidden) -> (hidden, hidden states per layer (padded) or None, attentions or None).
+
+        With `subset_idx`, the last layer computes its attention output and MLP only for those rows (sparse MLM).
+        Each returned hidden state is the tensor the next layer reads, so gradients reach it.
+        """
+        slopes = self.slopes()
+        all_hidden = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+
+        def keep(h):
+            all_hidden.append(layout.pad(h))
+            return layout.unpad(all_hidden[-1])
+
+        if output_hidden_states:
+            hidden = keep(hidden)
+        for i, layer in enumerate(self.layer):
+            last = i == len(self.layer) - 1
+            hidden, probs = layer(hidden, layout, slopes, subset_idx if last and not output_hidden_states else None)
+            if output_hidden_states:
+                hidden = keep(hidden)
+            if output_attentions:
+                all_attentions.append(probs)  # (b, h, s, s) from the dense path
+        if subset_idx is not None and output_hidden_states:
+            hidden = index_first_axis(hidden, subset_idx)
+        return (
+            hidden,
+            tuple(all_hidden) if output_hidden_states else None,
+            tuple(all_attentions) if output_attentions else None,
+        )
 
 
 class BertPooler(nn.Module):
@@ -446,166 +769,7 @@ class BertOnlyMLMHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Input layout
-
-
-@dataclass
-class TokenLayout:
-    """Where the valid tokens of an input of shape (b, s) are, and how they split into sequences."""
-
-    batch_size: int
-    seqlen: int
-    indices: torch.Tensor | None  # (t,) positions in the flattened (b * s) input; None when every position is a token
-    batch: VarlenBatch | DenseBatch  # DenseBatch: every position is computed, padding masked in attention
-
-    @property
-    def total_tokens(self):
-        return self.batch_size * self.seqlen if self.indices is None else self.indices.numel()
-
-    def unpad(self, x):
-        """(b, s, ...) -> (t, ...)"""
-        flat = x.reshape(self.batch_size * self.seqlen, *x.shape[2:])
-        return flat if self.indices is None else index_first_axis(flat, self.indices)
-
-    def pad(self, x):
-        """(t, ...) -> (b, s, ...) with zeros at padding."""
-        if self.indices is not None:
-            x = index_put_first_axis(x, self.indices, self.batch_size * self.seqlen)
-        elif isinstance(self.batch, DenseBatch):
-            x = torch.where(self.batch.valid.reshape(-1, *[1] * (x.dim() - 1)), x, 0)
-        return x.view(self.batch_size, self.seqlen, *x.shape[1:])
-
-    def flat_positions(self, token_idx):
-        """Positions in the flattened (b * s) input of the unpadded tokens `token_idx`."""
-        return token_idx if self.indices is None else self.indices[token_idx]
-
-
-def _input_shape(input_ids, inputs_embeds):
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
-    return (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-
-
-def _check_shape(name, tensor, shape):
-    if tensor is not None and tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)} (the shape of the input).")
-
-
-def build_token_layout(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                       max_seqlen, dense=False):
-    """Validate the inputs and find the sequences.
-
-    Sequences are the rows of the batch, split further wherever `position_ids` restarts at 0 (packed documents,
-    as `DataCollatorWithFlattening` produces) or as given by `cu_seqlens` (packed input of one row). With `dense`,
-    nothing is unpadded and the sequences are described by masks (`DenseBatch`).
-    """
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
-    if input_ids is not None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got shape {tuple(input_ids.shape)}.")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
-        batch_size, seqlen = input_ids.shape
-    else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"`inputs_embeds` must have shape (batch, seq_len, {config.hidden_size}), "
-                f"got shape {tuple(inputs_embeds.shape)}."
-            )
-        batch_size, seqlen = inputs_embeds.shape[:2]
-    if batch_size == 0 or seqlen == 0:
-        raise ValueError(f"The batch is empty: input shape (batch={batch_size}, seq_len={seqlen}).")
-    _check_shape("attention_mask", attention_mask, (batch_size, seqlen))
-    _check_shape("token_type_ids", token_type_ids, (batch_size, seqlen))
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1 and batch_size > 1:
-        position_ids = position_ids.expand(batch_size, -1)
-    _check_shape("position_ids", position_ids, (batch_size, seqlen))
-
-    # One host sync for every value check (none while exporting: a traced graph cannot raise on values).
-    checks = []
-    if input_ids is not None and not exporting():
-        checks += [input_ids.min(), input_ids.max()]
-    if token_type_ids is not None and not exporting():
-        checks += [token_type_ids.min(), token_type_ids.max()]
-    if checks:
-        values = torch.stack([c.long() for c in checks]).tolist()
-        if input_ids is not None:
-            lo, hi = values[:2]
-            if lo < 0 or hi >= config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"`input_ids` contains id {bad}, outside [0, vocab_size={config.vocab_size}).")
-            values = values[2:]
-        if token_type_ids is not None:
-            lo, hi = values
-            if lo < 0 or hi >= config.type_vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"`token_type_ids` contains {bad}, outside [0, type_vocab_size={config.type_vocab_size})."
-                )
-
-    device = (input_ids if input_ids is not None else inputs_embeds).device
-    if cu_seqlens is not None:
-        if batch_size != 1:
-            raise ValueError(f"`cu_seqlens` describes a packed input of one row, but the batch has {batch_size} rows.")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("Packed input with `cu_seqlens` cannot have padding in `attention_mask`.")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
-            raise ValueError(f"`cu_seqlens` must be a 1-D integer tensor of length n + 1, got {cu_seqlens!r}.")
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        first, last = cu_seqlens[0].item(), cu_seqlens[-1].item()
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        if first != 0 or last != seqlen or bool((lengths < 0).any()):
-            raise ValueError(
-                f"`cu_seqlens` must rise from 0 to the input length {seqlen}; got first={first}, last={last}."
-            )
-        if dense:
-            return dense_token_layout(batch_size, seqlen, attention_mask, position_ids, cu_seqlens, device)
-        if max_seqlen is None:
-            max_seqlen = int(lengths.max().item())
-        return TokenLayout(batch_size, seqlen, None, VarlenBatch(cu_seqlens, int(max_seqlen)))
-    if dense:
-        return dense_token_layout(batch_size, seqlen, attention_mask, position_ids, None, device)
-
-    indices = None
-    if attention_mask is not None:
-        valid = attention_mask.bool()
-        row_lengths = valid.sum(-1, dtype=torch.int32)
-        indices = torch.nonzero(valid.flatten(), as_tuple=False).flatten()
-        if indices.numel() == batch_size * seqlen:
-            indices = None
-    else:
-        row_lengths = torch.full((batch_size,), seqlen, dtype=torch.int32, device=device)
-    cu_rows = cu_seqlens_from_lengths(row_lengths)
-    if position_ids is None:
-        max_rows = seqlen if indices is None else int(row_lengths.max().item())
-        return TokenLayout(batch_size, seqlen, indices, VarlenBatch(cu_rows, max_rows))
-
-    # Packed documents: a sequence starts at each row's first valid token and wherever position_ids is 0.
-    flat_positions = position_ids.reshape(-1)
-    positions = flat_positions if indices is None else flat_positions[indices]
-    starts = positions == 0
-    starts[cu_rows[:-1][row_lengths > 0].long()] = True
-    total = positions.numel()
-    cu = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([total], device=device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max().item()) if total else 0
-    return TokenLayout(batch_size, seqlen, indices, VarlenBatch(cu, max_len))
-
-
-def dense_token_layout(batch_size, seqlen, attention_mask, position_ids, cu_seqlens, device):
-    """The layout of the dense path: the same sequences as the unpadded one, as (b, s) masks, without a host sync."""
-    if attention_mask is None:
-        valid = torch.ones(batch_size, seqlen, dtype=torch.bool, device=device)
-    else:
-        valid = attention_mask.bool()
-    rank = valid.long().cumsum(-1) - 1  # (b, s): valid tokens before each one in its row
-    starts = valid & (rank == 0)  # each row's first valid token
-    if position_ids is not None:
-        starts = starts | (valid & (position_ids == 0))
-    if cu_seqlens is not None:  # one row; a trailing empty document marks index seqlen, dropped by the slice
-        marks = torch.zeros(seqlen + 1, dtype=torch.bool, device=device)
-        starts = starts | marks.index_fill(0, cu_seqlens[:-1].long(), True)[None, :seqlen]
-    return TokenLayout(batch_size, seqlen, None, DenseBatch(valid, starts.long().cumsum(-1), rank))
+# Models
 
 
 @dataclass
@@ -619,8 +783,9 @@ class EncoderState:
     attentions: tuple | None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
+# transformers' `attn_implementation` mapped onto `config.attention_backend`. "eager" changes nothing: transformers
+# sets it by itself (for `output_attentions`, say), and MosaicBERT forms attention probabilities on any backend.
+ATTN_IMPLEMENTATIONS = {"eager": None, "sdpa": "torch", "flash_attention_2": "triton"}
 
 
 class BertPreTrainedModel(PreTrainedModel):
@@ -635,6 +800,22 @@ class BertPreTrainedModel(PreTrainedModel):
         config.validate_mosaic_bert()  # attributes may have been edited since the config was built
         super().__init__(config, *inputs, **kwargs)
 
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        """`from_pretrained(..., attn_implementation=...)`: "sdpa" -> the plain path, "flash_attention_2" -> the
+        Triton kernel (`config.attention_backend`); anything else is an error that says what to set instead."""
+        if requested_attention is None:
+            return "eager"
+        if requested_attention not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={requested_attention!r} is not available for MosaicBERT, whose attention is "
+                "chosen by `config.attention_backend` ('auto', 'torch' or 'triton'). attn_implementation 'sdpa' "
+                "maps to 'torch', 'flash_attention_2' to 'triton'."
+            )
+        backend = ATTN_IMPLEMENTATIONS[requested_attention]
+        if backend is not None:
+            self.config.attention_backend = backend
+        return "eager"
+
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear/Embedding ~ N(0, initializer_range), zero biases and pad row, LN 1/0
         if isinstance(module, nn.LayerNorm):
@@ -645,13 +826,19 @@ class BertPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.alibi_slopes.copy_(alibi_slopes(self.config.num_attention_heads))
 
-    def _unexpected_kwargs(self, kwargs):
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward got unexpected arguments: {sorted(kwargs)}.")
+
+def _flag(value, default):
+    return default if value is None else value
+
+
+def _unexpected_kwargs(model, kwargs):
+    kwargs.pop("num_items_in_batch", None)
+    if kwargs:
+        raise TypeError(f"{type(model).__name__}.forward got unexpected arguments: {sorted(kwargs)}.")
 
 
 class BertModel(BertPreTrainedModel):
-    """The MosaicBERT encoder, with an optional pooler (tanh(dense) of the first token)."""
+    """The MosaicBERT encoder, with an optional pooler (tanh(dense) of each sequence's first token)."""
 
     _auto_class = "AutoModel"
 
@@ -668,28 +855,29 @@ class BertModel(BertPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def encode(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        output_attentions=False,
-        output_hidden_states=False,
-        subset_labels=None,
-    ) -> EncoderState:
-        """Run the encoder and keep the result unpadded.
+    def run(self, *, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+            cu_seqlens=None, max_seqlen=None, output_attentions=None, output_hidden_states=None, label_checks=(),
+            subset_labels=None, **kwargs) -> EncoderState:
+        """Validate, lay out, embed and encode; the result stays unpadded. The heads' entry point.
 
-        With `subset_labels` (b, s), the last layer computes its attention output and MLP only for the tokens
-        whose label is not -100 (the only rows the MLM head needs); `EncoderState.subset_idx` lists them.
+        `label_checks`: (name, labels, low, high, ignore) checked with the inputs in one read. With `subset_labels`
+        (b, s), the last layer runs only on the tokens whose label is not -100 (sparse MLM); `subset_idx` lists them.
         """
-        layout = build_token_layout(
-            self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cu_seqlens,
-            max_seqlen, dense=use_dense_path(output_attentions),
+        cu_seqlens, max_seqlen = packed_kwargs(kwargs, cu_seqlens, max_seqlen)
+        _unexpected_kwargs(self, kwargs)
+        output_attentions = _flag(output_attentions, self.config.output_attentions)
+        output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
+        inputs = validate_inputs(
+            self.config, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            label_checks=label_checks, subset_labels=subset_labels,
         )
+        device = inputs.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.embeddings.word_embeddings.weight.dtype
+        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        layout = build_layout(inputs, resolve_attention(self.config, device, dtype, dropout_p, output_attentions))
+
         hidden = self.embeddings(
             input_ids=None if input_ids is None else layout.unpad(input_ids),
             token_type_ids=None if token_type_ids is None else layout.unpad(token_type_ids),
@@ -697,37 +885,20 @@ class BertModel(BertPreTrainedModel):
         )  # (t, hidden)
         subset_idx = None
         if subset_labels is not None:
-            labelled = layout.unpad(subset_labels) != IGNORE_INDEX
-            if isinstance(layout.batch, DenseBatch):  # labels at padding are not tokens, as when unpadded
-                labelled = labelled & layout.batch.valid.reshape(-1)
-            subset_idx = torch.nonzero(labelled).flatten()  # (m,)
-
-        slopes = self.encoder.slopes()
-        all_hidden = None
-        if output_hidden_states:
-            # Each returned hidden state is the tensor the next layer reads, so gradients reach it.
-            all_hidden = [layout.pad(hidden)]
-            hidden = layout.unpad(all_hidden[-1])
-        all_attentions = [] if output_attentions else None
-        n_layers = len(self.encoder.layer)
-        for i, layer in enumerate(self.encoder.layer):
-            last_subset = subset_idx if (i == n_layers - 1 and not output_hidden_states) else None
-            hidden, probs = layer(hidden, layout.batch, slopes, last_subset, output_attentions)
-            if output_hidden_states:
-                all_hidden.append(layout.pad(hidden))
-                hidden = layout.unpad(all_hidden[-1])
-            if output_attentions:
-                all_attentions.append(probs)  # (b, h, s, s) from the dense path
-        if subset_idx is not None and output_hidden_states:
-            hidden = index_first_axis(hidden, subset_idx)
-        return EncoderState(
-            hidden=hidden,
-            layout=layout,
-            subset_idx=subset_idx,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
+            labelled = layout.unpad(subset_labels) != IGNORE_INDEX  # (t,)
+            if isinstance(layout.sequences, DenseSequences):  # labels at padding are not tokens, as when unpadded
+                labelled = labelled & layout.sequences.valid.reshape(-1)
+            subset_idx = valid_token_indices(labelled, inputs.labelled)  # (m,)
+        hidden, hidden_states, attentions = self.encoder(
+            hidden, layout, subset_idx, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
+        return EncoderState(hidden, layout, subset_idx, hidden_states, attentions)
 
+    def pool(self, state: EncoderState):
+        """(n, hidden): the pooler over each sequence's first token (documents of packed input count apart)."""
+        return self.pooler(state.layout.first_tokens(state.hidden))
+
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -746,54 +917,50 @@ class BertModel(BertPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): token ids; or `inputs_embeds`
                 (`(batch, seq_len, hidden)`), not both.
-            attention_mask (`(batch, seq_len)`, *optional*): 1 for tokens, 0 for padding. Padding is removed
-                before the first layer; its outputs are zeros.
+            attention_mask (`(batch, seq_len)`, *optional*): 1 (or True) for tokens, 0 for padding; other values
+                are an error. Padding is removed before the first layer, on either side; its outputs are zeros.
             token_type_ids (`(batch, seq_len)`, *optional*): segment ids, 0 when absent.
             position_ids (`(batch, seq_len)`, *optional*): not embedded (ALiBi carries position); a restart at 0
                 inside a row starts a new document there (packed input, as `DataCollatorWithFlattening` makes).
             cu_seqlens (`(n + 1,)` int, *optional*), max_seqlen (`int`, *optional*): document offsets of a packed
-                input of one row, instead of `position_ids`; passing `max_seqlen` avoids a host sync.
+                input of one row, instead of `position_ids`. transformers' flash-attention kwargs
+                (`cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx`) are accepted as the same.
 
         Returns:
-            `BaseModelOutputWithPooling`: `last_hidden_state` (batch, seq_len, hidden); `pooler_output`
-            (batch, hidden) when the model has a pooler; `hidden_states` (embeddings + one per layer, padded) and
-            `attentions` ((batch, heads, seq_len, seq_len), computed by the plain path) when asked.
+            `BaseModelOutputWithPooling`: `last_hidden_state` (batch, seq_len, hidden); `pooler_output` when the
+            model has a pooler: (batch, hidden) from each row's first valid token, or (documents, hidden) for packed
+            input; `hidden_states` (embeddings + one per layer, padded) and `attentions` (batch, heads, seq_len,
+            seq_len) when asked.
         """
-        self._unexpected_kwargs(kwargs)
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        state = self.run(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        state = self.encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cu_seqlens, max_seqlen,
-            output_attentions, output_hidden_states,
-        )
-        sequence_output = state.layout.pad(state.hidden)  # (b, s, hidden)
-        pooled = self.pooler(sequence_output[:, 0]) if self.pooler is not None else None
-        if not return_dict:
-            return tuple(
-                v for v in (sequence_output, pooled, state.hidden_states, state.attentions) if v is not None
-            )
         return BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled,
+            last_hidden_state=state.layout.pad(state.hidden),  # (b, s, hidden)
+            pooler_output=self.pool(state) if self.pooler is not None else None,
             hidden_states=state.hidden_states,
             attentions=state.attentions,
         )
 
 
-def _resolve_flags(config, output_attentions, output_hidden_states, return_dict):
-    return (
-        config.output_attentions if output_attentions is None else output_attentions,
-        config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-        config.return_dict if return_dict is None else return_dict,
-    )
+def _check_token_labels(labels, input_ids, inputs_embeds):
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if labels is not None and ref is not None:
+        _check_shape("labels", labels, ref.shape[:2])
 
 
-def _as_tuple(loss, *outputs):
-    out = tuple(o for o in outputs if o is not None)
-    return ((loss,) + out) if loss is not None else out
+def mean_loss(total, count, num_items_in_batch=None):
+    """A summed loss over `count` items, divided by `num_items_in_batch` when Trainer passes it (gradient
+    accumulation over micro-batches), else by the count (at least 1, so no labelled item gives 0, not NaN)."""
+    if num_items_in_batch is not None:
+        count = num_items_in_batch
+    elif torch.is_tensor(count):
+        count = count.clamp(min=1)
+    else:
+        count = max(count, 1)
+    return total / (count.to(total.device) if torch.is_tensor(count) else count)
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -801,6 +968,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
     if TRANSFORMERS_V4:  # 4.x lists the tied parameters; 5.x maps each to its source
         _tied_weights_keys = list(_tied_weights_keys)
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\."]
     accepts_loss_kwargs = True
 
     def __init__(self, config):
@@ -815,6 +983,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -838,57 +1007,75 @@ class BertForMaskedLM(BertPreTrainedModel):
                 micro-batches (Trainer passes it); the loss is then sum / num_items_in_batch.
 
         Returns `MaskedLMOutput`. Without labels, `logits` (batch, seq_len, vocab) for every token. With labels the
-        last layer's attention output, MLP and the head run only on labelled tokens (sparse MLM): `logits` still has
-        shape (batch, seq_len, vocab) but is zero at positions whose label is -100, and `loss` is the mean
-        cross-entropy over the labelled tokens.
+        last layer's attention output, MLP and the head run only on labelled tokens (sparse MLM) and `loss` is the
+        mean cross-entropy over them; `logits` is (batch, seq_len, vocab), zero at positions whose label is -100,
+        or with `config.sparse_prediction` only the labelled tokens' rows, (m, vocab) in row-major order
+        (`labels[labels != -100]` are their targets).
         """
-        self._unexpected_kwargs(kwargs)
-        output_attentions, output_hidden_states, return_dict = _resolve_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
-        if labels is not None:
-            _check_shape("labels", labels, _input_shape(input_ids, inputs_embeds))
-        state = self.bert.encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cu_seqlens, max_seqlen,
-            output_attentions, output_hidden_states, subset_labels=labels,
+        _check_token_labels(labels, input_ids, inputs_embeds)
+        state = self.bert.run(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            label_checks=[("labels", labels, 0, self.config.vocab_size, IGNORE_INDEX)], subset_labels=labels,
+            **kwargs,
         )
         layout = state.layout
         logits = self.cls(state.hidden)  # (t, v), or (m, v) with labels
         loss = None
         if labels is not None:
-            flat_pos = layout.flat_positions(state.subset_idx)  # (m,)
-            target = labels.reshape(-1)[flat_pos]
-            loss = masked_lm_loss(logits, target, self.config.vocab_size, num_items_in_batch)
-            full = index_put_first_axis(logits, flat_pos, layout.batch_size * layout.seqlen)
-            logits = full.view(*layout_shape(layout), -1)
+            flat_index = layout.flat_index(state.subset_idx)  # (m,)
+            target = labels.reshape(-1)[flat_index]
+            total = F.cross_entropy(logits.float(), target, reduction="sum")
+            loss = mean_loss(total, target.shape[0], num_items_in_batch)
+            if not self.config.sparse_prediction:
+                logits = index_put_first_axis(logits, flat_index, layout.batch_size * layout.seqlen)
+                logits = logits.view(layout.batch_size, layout.seqlen, -1)
         else:
             logits = layout.pad(logits)
-        if not return_dict:
-            return _as_tuple(loss, logits, state.hidden_states, state.attentions)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=state.hidden_states, attentions=state.attentions)
 
 
-def layout_shape(layout):
-    return layout.batch_size, layout.seqlen
+def sequence_classification_loss(config, logits, labels):
+    """Loss by `config.problem_type` (regression, single- or multi-label), inferred as transformers does."""
+    num_labels = logits.shape[-1]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        return F.mse_loss(logits.float(), labels.float())
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
+    if config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    raise ValueError(f"Unknown problem_type {config.problem_type!r}.")
 
 
-def masked_lm_loss(logits, target, vocab_size, num_items_in_batch=None):
-    """Cross-entropy summed over the labelled tokens / their count (or `num_items_in_batch`), in float32."""
-    if target.numel():
-        lo, hi = torch.stack([target.min(), target.max()]).tolist()
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"`labels` contains {lo if lo < 0 else hi}, outside [0, vocab_size={vocab_size}) and not -100.")
-    total = F.cross_entropy(logits.float(), target, reduction="sum")
-    if num_items_in_batch is None:
-        return total / max(target.numel(), 1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+def _class_label_checks(config, labels, num_classes):
+    """Range check of class-index labels (single-label classification), to run with the input checks."""
+    single_label = config.problem_type in (None, "single_label_classification") and num_classes > 1
+    if labels is None or not single_label or labels.dtype not in (torch.long, torch.int):
+        return []
+    return [("labels", labels, 0, num_classes, None)]
+
+
+def _check_sentence_labels(labels, rows, what):
+    if labels is not None and labels.shape[0] != rows:
+        raise ValueError(
+            f"`labels` has {labels.shape[0]} rows but the input has {rows} {what} (packed rows give one result per "
+            "document, so labels are per document)."
+        )
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
-    """Pooled first token -> dropout -> linear. Loss by `config.problem_type` (regression, single- or
-    multi-label), inferred as transformers does when unset."""
+    """Pooled first token of each sequence -> dropout -> linear. Packed input (several documents per row) gives
+    one row of logits per document."""
 
     _auto_class = "AutoModelForSequenceClassification"
     accepts_loss_kwargs = False
@@ -897,11 +1084,11 @@ class BertForSequenceClassification(BertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -917,56 +1104,37 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return_dict=None,
         **kwargs,
     ):
-        kwargs.pop("num_items_in_batch", None)
-        self._unexpected_kwargs(kwargs)
-        outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cu_seqlens, max_seqlen,
-            output_attentions, output_hidden_states, return_dict=True,
+        """`logits` (batch, num_labels), or (documents, num_labels) for packed input; `labels` likewise per row."""
+        state = self.bert.run(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            label_checks=_class_label_checks(self.config, labels, self.num_labels), **kwargs,
         )
-        logits = self.classifier(self.dropout(outputs.pooler_output))  # (b, num_labels)
+        logits = self.classifier(self.dropout(self.bert.pool(state)))  # (n, num_labels)
         loss = None
         if labels is not None:
+            _check_sentence_labels(labels, logits.shape[0], "documents" if state.layout.packed else "rows")
             loss = sequence_classification_loss(self.config, logits, labels)
-        if not _resolve_flags(self.config, None, None, return_dict)[2]:
-            return _as_tuple(loss, logits, outputs.hidden_states, outputs.attentions)
         return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss, logits=logits, hidden_states=state.hidden_states, attentions=state.attentions
         )
-
-
-def sequence_classification_loss(config, logits, labels):
-    num_labels = logits.shape[-1]
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1)) if num_labels == 1 else F.mse_loss(
-            logits.float(), labels.float()
-        )
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
-    if config.problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    raise ValueError(f"Unknown problem_type {config.problem_type!r}.")
 
 
 class BertForTokenClassification(BertPreTrainedModel):
     _auto_class = "AutoModelForTokenClassification"
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\."]
     accepts_loss_kwargs = True
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -984,26 +1152,21 @@ class BertForTokenClassification(BertPreTrainedModel):
         **kwargs,
     ):
         """`logits` (batch, seq_len, num_labels), zero at padding; loss = cross-entropy over labels != -100."""
-        self._unexpected_kwargs(kwargs)
-        output_attentions, output_hidden_states, return_dict = _resolve_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
-        state = self.bert.encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cu_seqlens, max_seqlen,
-            output_attentions, output_hidden_states,
+        _check_token_labels(labels, input_ids, inputs_embeds)
+        state = self.bert.run(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            label_checks=[("labels", labels, 0, self.num_labels, IGNORE_INDEX)], **kwargs,
         )
         logits = state.layout.pad(self.classifier(self.dropout(state.hidden)))  # (b, s, num_labels)
         loss = None
         if labels is not None:
-            _check_shape("labels", labels, logits.shape[:2])
             total = F.cross_entropy(
                 logits.float().view(-1, self.num_labels), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
-            count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE_INDEX).sum().clamp(min=1)
-            loss = total / (count.to(total.device) if torch.is_tensor(count) else count)
-        if not return_dict:
-            return _as_tuple(loss, logits, state.hidden_states, state.attentions)
+            loss = mean_loss(total, (labels != IGNORE_INDEX).sum(), num_items_in_batch)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=state.hidden_states, attentions=state.attentions
         )
@@ -1011,6 +1174,7 @@ class BertForTokenClassification(BertPreTrainedModel):
 
 class BertForQuestionAnswering(BertPreTrainedModel):
     _auto_class = "AutoModelForQuestionAnswering"
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\."]
     accepts_loss_kwargs = False
 
     def __init__(self, config):
@@ -1020,6 +1184,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -1038,13 +1203,12 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     ):
         """Span start/end logits (batch, seq_len); loss = mean of start and end cross-entropy (positions past
         the sequence are ignored, as in transformers' BERT)."""
-        kwargs.pop("num_items_in_batch", None)
-        self._unexpected_kwargs(kwargs)
-        outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cu_seqlens, max_seqlen,
-            output_attentions, output_hidden_states, return_dict=True,
+        state = self.bert.run(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
         )
-        logits = self.qa_outputs(outputs.last_hidden_state)  # (b, s, 2)
+        logits = self.qa_outputs(state.layout.pad(state.hidden))  # (b, s, 2)
         start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -1055,14 +1219,12 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
                 + F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
             ) / 2
-        if not _resolve_flags(self.config, None, None, return_dict)[2]:
-            return _as_tuple(loss, start_logits, end_logits, outputs.hidden_states, outputs.attentions)
         return QuestionAnsweringModelOutput(
             loss=loss,
             start_logits=start_logits,
             end_logits=end_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            hidden_states=state.hidden_states,
+            attentions=state.attentions,
         )
 
 
@@ -1073,11 +1235,11 @@ class BertForMultipleChoice(BertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.bert = BertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -1093,36 +1255,38 @@ class BertForMultipleChoice(BertPreTrainedModel):
     ):
         """Inputs of shape (batch, num_choices, seq_len) (`inputs_embeds`: (batch, num_choices, seq_len, hidden));
         `logits` (batch, num_choices); loss = cross-entropy against `labels` (batch,)."""
-        kwargs.pop("num_items_in_batch", None)
-        self._unexpected_kwargs(kwargs)
         ref = input_ids if input_ids is not None else inputs_embeds
-        if ref is None:
-            raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
-        expected_rank = 3 if input_ids is not None else 4
-        if ref.dim() != expected_rank:
+        if ref is not None and ref.dim() != (3 if input_ids is not None else 4):
             raise ValueError(
-                f"Multiple choice inputs must have {expected_rank} dimensions (batch, num_choices, seq_len"
-                f"{', hidden' if expected_rank == 4 else ''}), got shape {tuple(ref.shape)}."
+                f"Multiple choice inputs must have shape (batch, num_choices, seq_len"
+                f"{', hidden' if input_ids is None else ''}), got shape {tuple(ref.shape)}."
             )
-        num_choices = ref.shape[1]
+        num_choices = ref.shape[1] if ref is not None else 1
 
-        def flat(x):
+        def flat(x):  # (b, c, s, ...) -> (b * c, s, ...)
             return None if x is None else x.reshape(-1, *x.shape[2:])
 
-        outputs = self.bert(
-            flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), flat(inputs_embeds),
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        state = self.bert.run(
+            input_ids=flat(input_ids), attention_mask=flat(attention_mask), token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids), inputs_embeds=flat(inputs_embeds), output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, label_checks=_class_label_checks(self.config, labels, num_choices),
+            **kwargs,
         )
-        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (b, c)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        if not _resolve_flags(self.config, None, None, return_dict)[2]:
-            return _as_tuple(loss, logits, outputs.hidden_states, outputs.attentions)
+        pooled = self.bert.pool(state)  # (b * c, hidden)
+        if pooled.shape[0] != state.layout.batch_size:
+            raise ValueError("Multiple choice takes one sequence per choice: packed `position_ids` are not accepted.")
+        logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)  # (b, c)
+        loss = None
+        if labels is not None:
+            _check_sentence_labels(labels, logits.shape[0], "rows")
+            loss = F.cross_entropy(logits.float(), labels)
         return MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss, logits=logits, hidden_states=state.hidden_states, attentions=state.attentions
         )
 
 
 __all__ = [
+    "ATTENTION_FUNCTIONS",
     "BertForMaskedLM",
     "BertForMultipleChoice",
     "BertForQuestionAnswering",
@@ -1131,5 +1295,4 @@ __all__ = [
     "BertModel",
     "BertPreTrainedModel",
     "alibi_slopes",
-    "varlen_attention",
 ]

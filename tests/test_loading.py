@@ -10,11 +10,9 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import REPO, tiny_config, tiny_model
+from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_config, tiny_model
 from reference import reference_encoder, reference_mlm_logits
 
-CODE_FILES = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py"]
-TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 AUTO_CLASSES = [
     "AutoModel",
     "AutoModelForMaskedLM",

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from conftest import REPO, package_module, tiny_config, tiny_model
 from reference import closed_form_slopes, reference_encoder, reference_mlm_logits
 
@@ -273,11 +274,14 @@ def test_attention_dropout_is_applied_by_plain_path_in_training():
 def test_backend_selection_is_explicit():
     model = tiny_model()
     mb = package_module(model)
-    qkv = torch.zeros(3, 3, 4, 8)
-    assert mb.select_attention_backend(model.config, qkv, 0.0, False) == "torch"
+    cpu = torch.device("cpu")
+    assert mb.resolve_attention(model.config, cpu, torch.float32, 0.0) == "torch"
+    assert mb.resolve_attention(model.config, cpu, torch.float32, 0.0, output_attentions=True) == "dense"
     cfg = tiny_config(attention_backend="triton")
     with pytest.raises(ValueError, match="attention_backend='triton'"):
-        mb.select_attention_backend(cfg, qkv, 0.0, False)
+        mb.resolve_attention(cfg, cpu, torch.bfloat16, 0.0)
+    # every entry of the table is reachable and names the sequences it reads
+    assert set(mb.ATTENTION_FUNCTIONS) == {"triton", "torch", "dense"}
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -388,7 +392,8 @@ def test_unexpected_keyword_is_an_error():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(hidden_size=30, num_attention_heads=4), "not a multiple"),
+        (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+        (dict(layer_norm_eps=-1e-5), "layer_norm_eps"),
         (dict(attention_backend="flash"), "attention_backend"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
@@ -398,6 +403,14 @@ def test_unexpected_keyword_is_an_error():
 def test_bad_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_heads_not_dividing_hidden_size_is_rejected_when_the_model_is_built():
+    # As transformers' BERT: the config accepts it (transformers' ConfigTester builds hidden_size=37 with 12 heads),
+    # the model does not.
+    config = tiny_config(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        transformers.AutoModel.from_config(config, trust_remote_code=True)
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -452,8 +465,9 @@ def test_low_precision_layernorm_runs_in_autocast_dtype_only_under_autocast():
         low = ln(x)
         high = plain.bert.encoder.layer[0].mlp.layernorm(x)
     assert low.dtype == torch.bfloat16 and high.dtype == torch.float32
-    expected = torch.nn.functional.layer_norm(x.bfloat16(), (32,), ln.weight.bfloat16(), ln.bias.bfloat16(), ln.eps)
-    torch.testing.assert_close(low, expected)
+    # float32 statistics of the input as given, the result rounded once to the autocast dtype
+    expected = torch.nn.functional.layer_norm(x.double(), (32,), ln.weight.double(), ln.bias.double(), ln.eps)
+    torch.testing.assert_close(low, expected.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, attention_mask=mask).logits
         ref = plain(input_ids=ids, attention_mask=mask).logits

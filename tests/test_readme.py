@@ -6,12 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, tiny_model
+from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_model
 
-PACKAGE_FILES = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py",
-                 "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "fill_mask.py", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
-                 "train/configs/mosaic-bert-base.json"]
+PACKAGE_FILES = CODE_FILES + TOKENIZER_FILES + ["config.json", "fill_mask.py", "modules.json",
+                                                "sentence_bert_config.json", "1_Pooling/config.json",
+                                                "train/configs/mosaic-bert-base.json"]
 
 
 def readme_blocks(lang):

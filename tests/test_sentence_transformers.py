@@ -5,14 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_model
 from transformers import AutoModel, AutoTokenizer
 
 pytest.importorskip("sentence_transformers")
 
 ST_FILES = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
-CODE_AND_TOKENIZER = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py",
-                      "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+CODE_AND_TOKENIZER = CODE_FILES + TOKENIZER_FILES
 TEXTS = ["The cat sat on the mat.", "A much longer second sentence, so that the first one is padded.", "Hi."]
 
 
