@@ -487,9 +487,10 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
         dropout_p (`float`): drop probability for x (not the residual), applied only when `training`; kept
             elements are scaled by 1 / (1 - dropout_p).
         training (`bool`): dropout on or off.
-        out_dtype (`torch.dtype`, *optional*): defaults to `torch.result_type(x, residual)` (x's dtype without a
-            residual), the promotion of the unfused `x + residual`. Under autocast pass the autocast dtype to
-            normalize in low precision (`low_precision_layernorm`).
+        out_dtype (`torch.dtype`, *optional*): defaults to the promotion of x's and residual's dtypes (what
+            `torch.result_type(x, residual)` gives for same-shaped tensors, i.e. the unfused `x + residual`), x's
+            dtype without a residual. Under autocast a bf16 Linear output plus an fp32 residual stream thus gives
+            fp32; pass the autocast dtype to normalize in low precision (`low_precision_layernorm`).
         use_triton (`bool`, *optional*): as in `gated_gelu`.
 
     Returns:
@@ -508,7 +509,8 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if out_dtype is None:
-        out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+        # promote_types, not result_type: dynamo traces the former as a constant, the latter is a graph break
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     dropout_p = float(dropout_p) if training else 0.0
     dtypes = (x.dtype, weight.dtype, bias.dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
     supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
