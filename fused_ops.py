@@ -18,7 +18,6 @@ imported) the kernels also run on CPU tensors, slowly; that path is never chosen
 """
 
 import contextlib
-import math
 import os
 from typing import Optional, Tuple
 
@@ -45,6 +44,9 @@ _INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in (
 # a test can force the kernels through a whole model without threading a flag through every layer.
 DEFAULT_USE_TRITON = None
 
+# torch.library.custom_op arrived in torch 2.4; on older torch the public functions take the PyTorch path.
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One LayerNorm row lives in registers; past this many bytes a row would spill (flash-attn uses the same cap).
 _MAX_ROW_BYTES = 65536
@@ -53,7 +55,7 @@ _MAX_ROW_BYTES = 65536
 def fused_kernels_available(tensor):
     """True when the Triton kernels can run on `tensor`: triton is installed and the tensor is on CUDA, or it is
     on CPU and Triton's interpreter is on (`TRITON_INTERPRET=1` before triton was imported; for tests)."""
-    if not HAS_TRITON:
+    if not (HAS_TRITON and _HAS_CUSTOM_OP):
         return False
     return tensor.device.type == "cuda" or (_INTERPRET and tensor.device.type == "cpu")
 
@@ -65,7 +67,7 @@ def _take_triton(use_triton, tensor, supported=True):
         use_triton = DEFAULT_USE_TRITON
     if use_triton is None:
         # Never the interpreter automatically: it is orders of magnitude slower than the PyTorch path.
-        return HAS_TRITON and tensor.device.type == "cuda" and supported
+        return HAS_TRITON and _HAS_CUSTOM_OP and tensor.device.type == "cuda" and supported
     if not use_triton:
         return False
     if not fused_kernels_available(tensor):
@@ -184,7 +186,8 @@ if HAS_TRITON:
         seed = 0
         if HAS_DROPOUT:
             seed = tl.load(Seed)
-        row_start = pid.to(tl.int64) * rows_per_program
+        # Row indices fit int32 (t < 2**31); the loop counts in int32 and widens each row before any offset.
+        row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, n_rows)
         for r in range(row_start, row_end):
             # int64 as in the forward, so the Philox offsets below are bit-identical to the forward's
@@ -356,7 +359,7 @@ def _op_defined(name):
     return hasattr(torch.ops.mosaic_bert, name)
 
 
-if not _op_defined("gated_gelu_fwd"):
+if _HAS_CUSTOM_OP and not _op_defined("gated_gelu_fwd"):
 
     @torch.library.custom_op("mosaic_bert::gated_gelu_fwd", mutates_args=())
     def _gated_gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
@@ -385,7 +388,7 @@ if not _op_defined("gated_gelu_fwd"):
     _gated_gelu_fwd_op.register_autograd(_gated_gelu_autograd_backward, setup_context=_gated_gelu_setup_context)
 
 
-if not _op_defined("add_dropout_layer_norm_fwd"):
+if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
 
     @torch.library.custom_op("mosaic_bert::add_dropout_layer_norm_fwd", mutates_args=())
     def _add_dropout_layer_norm_fwd_op(

@@ -409,6 +409,26 @@ def test_reimport_reuses_the_registered_ops():
         torch.testing.assert_close(copy.gated_gelu(x, use_triton=True), gated_gelu(x, use_triton=True))
 
 
+def test_imports_and_falls_back_without_triton():
+    # Triton is optional: with it unimportable the module imports and both functions compute on PyTorch ops.
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_ops\n"
+        "assert not fused_ops.HAS_TRITON and not fused_ops.fused_kernels_available(torch.zeros(1))\n"
+        "x = torch.randn(3, 8, requires_grad=True)\n"
+        "fused_ops.gated_gelu(x).sum().backward()\n"
+        "w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)\n"
+        "fused_ops.add_dropout_layer_norm(x[:, :4], x[:, 4:], w, b, 1e-5, 0.1, True).sum().backward()\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU only: bf16, realistic sizes
 # ------------------------------------------------------------------------------------------------------------
