@@ -48,7 +48,7 @@ DEFAULT_USE_TRITON = None
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# One LayerNorm row lives in registers; past this many bytes a row would spill (flash-attn uses the same cap).
+# A LayerNorm row lives in registers as fp32: rows past 64 KiB (16384 columns) take the PyTorch path.
 _MAX_ROW_BYTES = 65536
 
 
