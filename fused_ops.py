@@ -1,17 +1,534 @@
+# Copyright 2026 The MosaicBERT package authors. Apache-2.0.
+"""Fused element-wise kernels for the encoder: the gated GELU of the GLU MLP, and residual add + dropout +
+LayerNorm. Each replaces several memory-bound passes (split, GELU, multiply; dropout, add, LayerNorm) with one
+Triton kernel forward and one backward.
+
+Axis legend: `t` rows (total tokens of a packed batch, or any flattened leading dims), `n` hidden size,
+`i` intermediate size of the GLU (its Linear produces `2 * i` columns: gate first, then value).
+
+Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) -> `torch.library` custom ops
+(`mosaic_bert::gated_gelu_fwd/_bwd`, `mosaic_bert::add_dropout_layer_norm_fwd/_bwd`) with fake
+implementations and autograd, so `torch.compile(fullgraph=True)` traces through them -> the public functions
+`gated_gelu` and `add_dropout_layer_norm`, which take the kernels on CUDA and otherwise compute the same thing
+with plain PyTorch ops (which inductor fuses on its own).
+
+The file imports without Triton. Under Triton's interpreter (`TRITON_INTERPRET=1` set before triton is first
+imported) the kernels also run on CPU tensors, slowly; that path is never chosen automatically, only with
+`use_triton=True` (or `DEFAULT_USE_TRITON = True`), for tests.
+"""
+
+import contextlib
+import os
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
 
-def gated_gelu(x):
-    gate, value = x.chunk(2, dim=-1)
-    return F.gelu(gate) * value
+    HAS_TRITON = True
+except ImportError:  # the public functions fall back to PyTorch ops
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "DEFAULT_USE_TRITON", "add_dropout_layer_norm", "fused_kernels_available", "gated_gelu"]
+
+# Same switch Triton reads when `@triton.jit` runs: with it, the kernels accept CPU tensors.
+_INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+# What `use_triton=None` means: None picks the kernels for CUDA tensors when triton is installed; True forces
+# them (CPU tensors then need the interpreter); False always takes the PyTorch path. A module-level default so
+# a test can force the kernels through a whole model without threading a flag through every layer.
+DEFAULT_USE_TRITON = None
+
+# torch.library.custom_op arrived in torch 2.4; on older torch the public functions take the PyTorch path.
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A LayerNorm row lives in registers as fp32: rows past 64 KiB (16384 columns) take the PyTorch path.
+_MAX_ROW_BYTES = 65536
 
 
-def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None):
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0 and training else x
+def fused_kernels_available(tensor):
+    """True when the Triton kernels can run on `tensor`: triton is installed and the tensor is on CUDA, or it is
+    on CPU and Triton's interpreter is on (`TRITON_INTERPRET=1` before triton was imported; for tests)."""
+    if not (HAS_TRITON and _HAS_CUSTOM_OP):
+        return False
+    return tensor.device.type == "cuda" or (_INTERPRET and tensor.device.type == "cpu")
+
+
+def _take_triton(use_triton, tensor, supported=True):
+    """The one place that picks kernels or PyTorch ops. `supported`: the arguments are within what the kernels
+    handle (dtypes, row size); an automatic choice quietly falls back when not, a forced one raises."""
+    if use_triton is None:
+        use_triton = DEFAULT_USE_TRITON
+    if use_triton is None:
+        # Never the interpreter automatically: it is orders of magnitude slower than the PyTorch path.
+        return HAS_TRITON and _HAS_CUSTOM_OP and tensor.device.type == "cuda" and supported
+    if not use_triton:
+        return False
+    if not fused_kernels_available(tensor):
+        raise RuntimeError(
+            f"use_triton=True needs triton installed and a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1); "
+            f"got triton installed={HAS_TRITON}, device={tensor.device}, interpreter={_INTERPRET}"
+        )
+    if not supported:
+        raise ValueError(f"the fused kernels take fp16/bf16/fp32 inputs with rows of at most {_MAX_ROW_BYTES} bytes")
+    return True
+
+
+def _device_context(tensor):
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gated_gelu_fwd_kernel(
+        X,  # (t, 2 * i); row stride stride_xt, columns contiguous
+        Out,  # (t, i) contiguous
+        stride_xt, stride_ot,
+        inter,  # i
+        BLOCK_N: tl.constexpr,
+    ):
+        # Grid: (t, column blocks of i). One program: BLOCK_N gate columns and the BLOCK_N value columns i apart.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < inter
+        x_row = X + row * stride_xt
+        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))  # erf(g / sqrt(2))
+        tl.store(Out + row * stride_ot + cols, (gelu * value).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gated_gelu_bwd_kernel(
+        DOut,  # (t, i); row stride stride_gt (may be 0 for a broadcast gradient), columns contiguous
+        X,  # (t, 2 * i); row stride stride_xt, columns contiguous
+        DX,  # (t, 2 * i) contiguous: d_gate in the first i columns, d_value in the last i
+        stride_gt, stride_xt, stride_dxt,
+        inter,
+        BLOCK_N: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < inter
+        x_row = X + row * stride_xt
+        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
+        # GELU is recomputed, not stored: d/dg [g * Phi(g)] = Phi(g) + g * phi(g).
+        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))  # Phi(g) = (1 + erf(g / sqrt(2))) / 2
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        d_gate = grad * value * (cdf + gate * pdf)
+        d_value = grad * gate * cdf
+        dx_row = DX + row * stride_dxt
+        tl.store(dx_row + cols, d_gate.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_row + inter + cols, d_value.to(DX.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_dropout_layer_norm_fwd_kernel(
+        X,  # (t, n); row stride stride_xt, columns contiguous
+        Residual,  # (t, n) like X; unused without HAS_RESIDUAL
+        W, B,  # (n,) contiguous
+        Out,  # (t, n) contiguous, out dtype
+        Mean, Rstd,  # (t,) fp32, for the backward
+        Seed,  # (1,) int64 Philox seed; unused without HAS_DROPOUT
+        stride_xt, stride_rt, stride_ot,
+        n_cols, eps, dropout_p, dropout_scale,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Grid: (t,). One row per program, whole row in registers (BLOCK_N >= n).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            # The backward regenerates this mask from (seed, row * n + col); nothing is stored.
+            keep = tl.rand(tl.load(Seed), row * n_cols + cols) >= dropout_p
+            z = tl.where(keep, z * dropout_scale, 0.0)
+        if HAS_RESIDUAL:
+            z += tl.load(Residual + row * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(z, axis=0) / n_cols
+        zc = tl.where(mask, z - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = zc * rstd * w + b
+        tl.store(Out + row * stride_ot + cols, y.to(Out.dtype.element_ty), mask=mask)
+        tl.store(Mean + row, mean)
+        tl.store(Rstd + row, rstd)
+
+    @triton.jit
+    def _add_dropout_layer_norm_bwd_kernel(
+        DOut,  # (t, n); row stride stride_gt, columns contiguous
+        X, Residual,  # (t, n) as in the forward
+        W,  # (n,)
+        Mean, Rstd,  # (t,) fp32 from the forward
+        Seed,  # (1,) int64, the forward's seed
+        DX, DResidual,  # (t, n) contiguous, in x's / residual's dtype
+        DWPartial, DBPartial,  # (programs, n) fp32: one row of partial sums per program
+        stride_gt, stride_xt, stride_rt, stride_dxt, stride_drt,
+        n_rows, n_cols, rows_per_program, dropout_p, dropout_scale,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Grid: (programs,). Each program walks a contiguous run of rows and keeps its share of d_weight and
+        # d_bias in fp32 registers; the host sums the (programs, n) partials (deterministic, no atomics).
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(Seed)
+        # Row indices fit int32 (t < 2**31); the loop counts in int32 and widens each row before any offset.
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, n_rows)
+        for r in range(row_start, row_end):
+            # int64 as in the forward, so the Philox offsets below are bit-identical to the forward's
+            row = tl.cast(r, tl.int64)
+            z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = tl.rand(seed, row * n_cols + cols) >= dropout_p
+                z = tl.where(keep, z * dropout_scale, 0.0)
+            if HAS_RESIDUAL:
+                z += tl.load(Residual + row * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            xhat = tl.where(mask, (z - mean) * rstd, 0.0)
+            dy = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
+            dw += dy * xhat
+            db += dy
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / n_cols
+            c2 = tl.sum(wdy, axis=0) / n_cols
+            dz = (wdy - (xhat * c1 + c2)) * rstd
+            if HAS_RESIDUAL:
+                tl.store(DResidual + row * stride_drt + cols, dz.to(DResidual.dtype.element_ty), mask=mask)
+            if HAS_DROPOUT:
+                dz = tl.where(keep, dz * dropout_scale, 0.0)
+            tl.store(DX + row * stride_dxt + cols, dz.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DWPartial + pid * n_cols + cols, dw, mask=mask)
+        tl.store(DBPartial + pid * n_cols + cols, db, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+def _require_triton():
+    if not HAS_TRITON:
+        raise ImportError("the fused kernels need triton (pip install triton); the public functions fall back")
+
+
+def _rows(tensor):
+    """`tensor` (..., c) as a (rows, c) view (a copy only if no view exists), columns contiguous."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
+
+
+def _gelu_launch_config(inter):
+    """(BLOCK_N, num_warps) for the gated GELU: 1024 columns per program, 8 per thread on 4 warps (16-byte
+    vector loads in 16-bit dtypes); smaller for small i. Under the interpreter, 16 columns, so test sizes cross
+    several blocks and a ragged tail."""
+    if _INTERPRET:
+        return 16, 1
+    block = min(1024, max(32, triton.next_power_of_2(inter)))
+    return block, max(1, min(4, block // 256))
+
+
+def _layer_norm_launch_config(n_cols):
+    """(BLOCK_N, num_warps) for the LayerNorm kernels: the whole row, 256 columns per warp up to 8 warps
+    (n = 768 or 1024: 4 warps, 8 fp32 values per thread)."""
+    block = triton.next_power_of_2(n_cols)
+    return block, 1 if _INTERPRET else min(max(block // 256, 1), 8)
+
+
+def _gated_gelu_forward(x):
+    """x: (..., 2 * i) fp16/bf16/fp32, columns contiguous (rows may be strided). Returns (..., i) in x's dtype."""
+    _require_triton()
+    inter = x.shape[-1] // 2
+    out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x2, out2 = _rows(x), out.view(-1, inter)
+    block, num_warps = _gelu_launch_config(inter)
+    with _device_context(x):
+        _gated_gelu_fwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK_N=block, num_warps=num_warps,
+        )
+    return out
+
+
+def _gated_gelu_backward(grad_out, x):
+    """grad_out: (..., i), x: (..., 2 * i). Returns d_x: (..., 2 * i) in x's dtype, written in one pass."""
+    _require_triton()
+    inter = x.shape[-1] // 2
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if grad_out.numel() == 0:
+        return dx.zero_()
+    x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, 2 * inter)
+    block, num_warps = _gelu_launch_config(inter)
+    with _device_context(x):
+        _gated_gelu_bwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+            g2, x2, dx2, g2.stride(0), x2.stride(0), dx2.stride(0), inter, BLOCK_N=block, num_warps=num_warps,
+        )
+    return dx
+
+
+def _dropout_scale(dropout_p):
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype):
+    """x, residual: (..., n); weight, bias: (n,); seed: (1,) int64 on x's device, or None when dropout_p == 0.
+    Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x) + residual."""
+    _require_triton()
+    n_cols = x.shape[-1]
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return out, mean, rstd
+    x2, out2 = _rows(x), out.view(-1, n_cols)
+    r2 = _rows(residual) if residual is not None else x2
+    has_dropout = seed is not None and dropout_p > 0.0
+    block, num_warps = _layer_norm_launch_config(n_cols)
+    with _device_context(x):
+        _add_dropout_layer_norm_fwd_kernel[(x2.shape[0],)](
+            x2, r2, weight.contiguous(), bias.contiguous(), out2, mean, rstd, seed if has_dropout else x2,
+            x2.stride(0), r2.stride(0), out2.stride(0),
+            n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p),
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block, num_warps=num_warps,
+        )
+    return out, mean, rstd
+
+
+def _layer_norm_bwd_programs(n_rows, device):
+    """Programs of the backward: two per SM, so each keeps one set of d_weight/d_bias partials for a long run of
+    rows (the (programs, n) fp32 partial buffer stays tiny); 4 under the interpreter, to test the row loop."""
+    if device.type == "cuda":
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 4
+    return max(1, min(n_rows, programs))
+
+
+def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p):
+    """Shapes as in the forward; grad_out: (..., n). Returns d_x (x's dtype), d_residual (residual's dtype; an
+    empty tensor when residual is None), d_weight, d_bias (their parameters' dtypes, reduced in fp32)."""
+    _require_triton()
+    n_cols = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if residual is not None:
-        h = h + residual
-    dtype = out_dtype or h.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        out = F.layer_norm(h.float(), weight.shape, weight.float(), bias.float(), eps)
-    return out.to(dtype)
+        dres = torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
+    else:
+        dres = torch.empty((0,), dtype=x.dtype, device=x.device)
+    n_rows = x.numel() // n_cols if n_cols else 0
+    if n_rows == 0:
+        return dx, dres, torch.zeros_like(weight), torch.zeros_like(bias)
+    x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, n_cols)
+    r2 = _rows(residual) if residual is not None else x2
+    dr2 = dres.view(-1, n_cols) if residual is not None else dx2
+    has_dropout = seed is not None and dropout_p > 0.0
+    programs = _layer_norm_bwd_programs(n_rows, x.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    block, num_warps = _layer_norm_launch_config(n_cols)
+    with _device_context(x):
+        _add_dropout_layer_norm_bwd_kernel[(programs,)](
+            g2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
+            dx2, dr2, dw_partial, db_partial,
+            g2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
+            n_rows, n_cols, triton.cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p),
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block, num_warps=num_warps,
+        )
+    return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), with fake implementations for tracing
+# --------------------------------------------------------------------------------------------------------
+def _op_defined(name):
+    # The package can be imported more than once per process (from the repo root in tests, and again by
+    # transformers as remote code); the dispatcher holds one op per name, so later copies reuse the first.
+    return hasattr(torch.ops.mosaic_bert, name)
+
+
+if _HAS_CUSTOM_OP and not _op_defined("gated_gelu_fwd"):
+
+    @torch.library.custom_op("mosaic_bert::gated_gelu_fwd", mutates_args=())
+    def _gated_gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
+        return _gated_gelu_forward(x)
+
+    @_gated_gelu_fwd_op.register_fake
+    def _(x):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.custom_op("mosaic_bert::gated_gelu_bwd", mutates_args=())
+    def _gated_gelu_bwd_op(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _gated_gelu_backward(grad_out, x)
+
+    @_gated_gelu_bwd_op.register_fake
+    def _(grad_out, x):
+        return torch.empty_like(x)
+
+    def _gated_gelu_setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    def _gated_gelu_autograd_backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x)
+
+    _gated_gelu_fwd_op.register_autograd(_gated_gelu_autograd_backward, setup_context=_gated_gelu_setup_context)
+
+
+if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
+
+    @torch.library.custom_op("mosaic_bert::add_dropout_layer_norm_fwd", mutates_args=())
+    def _add_dropout_layer_norm_fwd_op(
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        seed: Optional[torch.Tensor],
+        eps: float,
+        dropout_p: float,
+        out_dtype: torch.dtype,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype)
+
+    @_add_dropout_layer_norm_fwd_op.register_fake
+    def _(x, residual, weight, bias, seed, eps, dropout_p, out_dtype):
+        stats_shape = x.shape[:-1]
+        return (
+            x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(stats_shape, dtype=torch.float32),
+            x.new_empty(stats_shape, dtype=torch.float32),
+        )
+
+    @torch.library.custom_op("mosaic_bert::add_dropout_layer_norm_bwd", mutates_args=())
+    def _add_dropout_layer_norm_bwd_op(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        seed: Optional[torch.Tensor],
+        dropout_p: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p)
+
+    @_add_dropout_layer_norm_bwd_op.register_fake
+    def _(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p):
+        dres = torch.empty_like(residual) if residual is not None else x.new_empty((0,))
+        return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(bias)
+
+    def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
+        x, residual, weight, bias, seed, eps, dropout_p, out_dtype = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+        ctx.dropout_p = dropout_p
+        ctx.has_residual = residual is not None
+
+    def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_mean, grad_rstd):
+        x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+        dx, dres, dw, db = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
+            grad_out, x, residual, weight, bias, mean, rstd, seed, ctx.dropout_p
+        )
+        return dx, dres if ctx.has_residual else None, dw, db, None, None, None, None
+
+    _add_dropout_layer_norm_fwd_op.register_autograd(
+        _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+def gated_gelu(x, use_triton=None):
+    """GELU(gate) * value for the gated-linear-unit MLP, with the exact (erf) GELU.
+
+    Args:
+        x (`torch.Tensor` of shape `(..., 2 * intermediate_size)`): a Linear output, the gate in the first half of
+            the last dimension and the value in the second; fp16/bf16/fp32. Read in place (no split copies); the
+            last dimension must be contiguous for the kernel (rows may be strided), else it is copied.
+        use_triton (`bool`, *optional*): None takes the Triton kernel for CUDA tensors when triton is installed
+            (see `DEFAULT_USE_TRITON`), True forces it (CPU needs `TRITON_INTERPRET=1`), False uses PyTorch ops.
+
+    Returns:
+        `torch.Tensor` of shape `(..., intermediate_size)` in x's dtype. The kernel computes in fp32 and rounds
+        once; its backward writes d_x (gate and value halves) in one pass, recomputing GELU from x.
+    """
+    if x.shape[-1] % 2 != 0:
+        raise ValueError(f"gated_gelu needs an even last dimension (gate and value halves), got {x.shape[-1]}")
+    if _take_triton(use_triton, x, x.dtype in _SUPPORTED_DTYPES):
+        return torch.ops.mosaic_bert.gated_gelu_fwd(x)
+    # reference path: what the kernel computes, in PyTorch ops
+    gate, value = x.split(x.shape[-1] // 2, dim=-1)
+    return F.gelu(gate, approximate="none") * value
+
+
+def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,
+                           use_triton=None):
+    """LayerNorm(dropout(x) + residual) over the last dimension, in one pass forward and one backward.
+
+    Args:
+        x (`torch.Tensor` of shape `(..., hidden)`): e.g. a sublayer's output; fp16/bf16/fp32.
+        residual (`torch.Tensor` of x's shape, *optional*): added after dropout, any supported dtype. None gives
+            LayerNorm(dropout(x)) (the embeddings, whose caller passes word + token-type as x and residual).
+        weight, bias (`torch.Tensor` of shape `(hidden,)`): the LayerNorm affine parameters.
+        eps (`float`): added to the variance.
+        dropout_p (`float`): drop probability for x (not the residual), applied only when `training`; kept
+            elements are scaled by 1 / (1 - dropout_p).
+        training (`bool`): dropout on or off.
+        out_dtype (`torch.dtype`, *optional*): defaults to the promotion of x's and residual's dtypes (what
+            `torch.result_type(x, residual)` gives for same-shaped tensors, i.e. the unfused `x + residual`), x's
+            dtype without a residual. Under autocast a bf16 Linear output plus an fp32 residual stream thus gives
+            fp32; pass the autocast dtype to normalize in low precision (`low_precision_layernorm`).
+        use_triton (`bool`, *optional*): as in `gated_gelu`.
+
+    Returns:
+        `torch.Tensor` of x's shape in out_dtype. Sum and statistics are computed in fp32. Gradients come back in
+        the dtypes of x, residual, weight and bias. With the kernel, the dropout mask comes from a Philox seed
+        drawn with torch's generator on x's device (reproducible under `torch.manual_seed`, no host sync) and is
+        regenerated in the backward, never stored; the PyTorch path draws its mask with `F.dropout` instead.
+    """
+    hidden = x.shape[-1]
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if weight.shape != (hidden,) or bias.shape != (hidden,):
+        raise ValueError(
+            f"weight and bias must have shape ({hidden},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if out_dtype is None:
+        # promote_types, not result_type: dynamo traces the former as a constant, the latter is a graph break
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    dropout_p = float(dropout_p) if training else 0.0
+    dtypes = (x.dtype, weight.dtype, bias.dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
+    supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
+    if _take_triton(use_triton, x, supported):
+        # Drawn on the device by torch's generator: follows torch.manual_seed and the RNG state that activation
+        # checkpointing restores, without a device-to-host copy.
+        seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if dropout_p > 0.0 else None
+        out, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
+            x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype
+        )
+        return out
+    # reference path: the same computation in fp32 PyTorch ops, which inductor fuses on its own
+    z = x.float()
+    if dropout_p > 0.0:
+        z = F.dropout(z, dropout_p, training=True)
+    if residual is not None:
+        z = z + residual.float()
+    return F.layer_norm(z, (hidden,), weight.float(), bias.float(), eps).to(out_dtype)

@@ -1,0 +1,476 @@
+"""Tests for `fused_ops`: the gated GELU and the add + dropout + LayerNorm kernels, and their PyTorch fallbacks.
+
+Every check compares against an independent float64 reference written here, for outputs and gradients. Without
+a GPU the Triton path runs under Triton's interpreter (`use_triton=True` on CPU tensors; small shapes, fp32 and
+fp16); with a GPU the same tests run the compiled kernels on CUDA, and the bf16 / realistic-size tests at the end
+run too.
+"""
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must precede the first `import triton` in the process (see tests/conftest.py, which sets it too).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import fused_ops  # noqa: E402
+from fused_ops import add_dropout_layer_norm, fused_kernels_available, gated_gelu  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KERNELS = fused_kernels_available(torch.empty(0, device=DEVICE))
+
+requires_kernels = pytest.mark.skipif(
+    not KERNELS,
+    reason="the Triton path needs triton and a GPU, or TRITON_INTERPRET=1 set before triton is first imported",
+)
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bf16 and realistic sizes)")
+
+# Both paths run every reference test; the Triton one is skipped where it cannot run.
+PATHS = [pytest.param(True, marks=requires_kernels, id="triton"), pytest.param(False, id="torch")]
+DTYPES = [torch.float32, torch.float16]
+# Allowed error relative to max(1, largest reference magnitude): a few roundings in the storage dtype.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1.0)
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3e} vs scale {scale:.3e} ({dtype})"
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# float64 references
+# ------------------------------------------------------------------------------------------------------------
+def gated_gelu_reference(x):
+    x = x.double()
+    inter = x.shape[-1] // 2
+    gate, value = x[..., :inter], x[..., inter:]
+    return 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0))) * value
+
+
+def layer_norm_reference(x, residual, weight, bias, eps, keep=None, dropout_p=0.0):
+    """LayerNorm(dropout(x) + residual) in float64, with the dropout mask `keep` given."""
+    z = x.double()
+    if keep is not None:
+        z = torch.where(keep, z / (1.0 - dropout_p), torch.zeros_like(z))
+    if residual is not None:
+        z = z + residual.double()
+    mean = z.mean(-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(-1, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+def grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype)))
+    return [next(got) if t is not None else None for t in inputs]
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+def ln_inputs(rows, hidden, dtype, residual_dtype=None, param_dtype=torch.float32, seed=0):
+    x = rand(rows, hidden, dtype=dtype, seed=seed)
+    residual = rand(rows, hidden, dtype=residual_dtype, seed=seed + 1, scale=2.0) if residual_dtype else None
+    weight = (1.0 + 0.5 * rand(hidden, seed=seed + 2)).to(param_dtype)
+    bias = (0.5 * rand(hidden, seed=seed + 3)).to(param_dtype)
+    return x, residual, weight, bias
+
+
+def check_layer_norm_against_reference(out, inputs, dtype, keep=None, dropout_p=0.0, eps=1e-5, seed=10):
+    x, residual, weight, bias = inputs
+    grad_out = rand(*out.shape, seed=seed).to(out.dtype)  # the reference sees the same rounded values
+    got = grads(out, inputs, grad_out)
+    ref_inputs = leaves(*(t.double() if t is not None else None for t in inputs))
+    ref = layer_norm_reference(*ref_inputs, eps, keep=keep, dropout_p=dropout_p)
+    expected = grads(ref, ref_inputs, grad_out.double())
+    assert_close(out, ref, dtype, "out")
+    for name, t, g, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), inputs, got, expected):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype, f"{name} dtype {g.dtype} != input dtype {t.dtype}"
+        # d_weight / d_bias sum over rows: their tolerance scales with the row count
+        tol_dtype = dtype if name in ("d_x", "d_residual") else torch.float32
+        assert_close(g, e, tol_dtype if t.dtype == torch.float32 else t.dtype, name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gated_gelu
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,inter", [(1, 40), (3, 37), (17, 40), (2, 16)])
+def test_gated_gelu_matches_reference(use_triton, dtype, rows, inter):
+    (x,) = leaves(rand(rows, 2 * inter, dtype=dtype, scale=2.0))
+    out = gated_gelu(x, use_triton=use_triton)
+    assert out.dtype == dtype and out.shape == (rows, inter)
+    (x64,) = leaves(x.double())
+    ref = gated_gelu_reference(x64)
+    assert_close(out, ref, dtype, "out")
+    grad_out = rand(rows, inter, seed=5).to(dtype)
+    (dx,) = torch.autograd.grad(out, x, grad_out)
+    (dx_ref,) = torch.autograd.grad(ref, x64, grad_out.double())
+    assert dx.dtype == dtype
+    assert_close(dx, dx_ref, dtype, "d_x")
+
+
+@requires_kernels
+def test_gated_gelu_reads_strided_rows_and_leading_dims():
+    # A row stride wider than 2 * i (a slice of a wider buffer) and a 3-d input are read in place.
+    inter = 24
+    wide = rand(5, 2 * inter + 7, scale=2.0)
+    x = wide[:, : 2 * inter].detach().requires_grad_()
+    assert not x.is_contiguous()
+    out = gated_gelu(x, use_triton=True)
+    assert_close(out, gated_gelu_reference(x), torch.float32, "strided out")
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    x64 = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(gated_gelu_reference(x64).sum(), x64)
+    assert_close(dx, dx_ref, torch.float32, "strided d_x (broadcast grad_out)")
+
+    x3 = rand(2, 3, 2 * inter).requires_grad_()
+    out3 = gated_gelu(x3, use_triton=True)
+    assert out3.shape == (2, 3, inter)
+    assert_close(out3, gated_gelu_reference(x3), torch.float32, "3-d out")
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_gated_gelu_zero_rows(use_triton):
+    x = torch.zeros(0, 80, device=DEVICE, requires_grad=True)
+    out = gated_gelu(x, use_triton=use_triton)
+    assert out.shape == (0, 40)
+    (dx,) = torch.autograd.grad(out, x, torch.zeros_like(out))
+    assert dx.shape == (0, 80)
+
+
+def test_gated_gelu_rejects_odd_width():
+    with pytest.raises(ValueError, match="even last dimension"):
+        gated_gelu(torch.zeros(2, 7, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# add_dropout_layer_norm without dropout
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 48), (3, 37), (17, 48)])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
+def test_layer_norm_matches_reference(use_triton, dtype, rows, hidden, with_residual):
+    inputs = leaves(*ln_inputs(rows, hidden, dtype, residual_dtype=dtype if with_residual else None))
+    out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
+    assert out.dtype == dtype
+    check_layer_norm_against_reference(out, inputs, dtype)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_layer_norm_dtype_rules(use_triton):
+    """Output dtype: out_dtype if given, else the promotion of x and residual; gradients in input dtypes."""
+    half, full = torch.float16, torch.float32
+    # a half Linear output onto an fp32 residual stream (autocast): fp32 out, as the unfused x + residual
+    inputs = leaves(*ln_inputs(5, 40, half, residual_dtype=full))
+    out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
+    assert out.dtype == full
+    check_layer_norm_against_reference(out, inputs, half)
+    # low_precision_layernorm: the caller asks for the autocast dtype
+    inputs = leaves(*ln_inputs(5, 40, half, residual_dtype=full))
+    out = add_dropout_layer_norm(*inputs, 1e-5, out_dtype=half, use_triton=use_triton)
+    assert out.dtype == half
+    check_layer_norm_against_reference(out, inputs, half)
+    # fp32 everything, half parameters; no residual: x's dtype
+    inputs = leaves(*ln_inputs(5, 40, full, param_dtype=half))
+    out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
+    assert out.dtype == full
+    check_layer_norm_against_reference(out, inputs, half)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_layer_norm_zero_rows(use_triton):
+    inputs = leaves(*ln_inputs(0, 48, torch.float32, residual_dtype=torch.float32))
+    out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
+    assert out.shape == (0, 48)
+    dx, dres, dw, db = torch.autograd.grad(out, inputs, torch.zeros_like(out))
+    assert dx.shape == dres.shape == (0, 48)
+    assert torch.equal(dw, torch.zeros(48, device=DEVICE)) and torch.equal(db, torch.zeros(48, device=DEVICE))
+
+
+@requires_kernels
+def test_layer_norm_leading_dims_and_strided_rows():
+    wide = rand(2, 3, 40)
+    x = wide[..., :32].detach().requires_grad_()  # (2, 3, 32) with row stride 40
+    _, residual, weight, bias = leaves(*ln_inputs(6, 32, torch.float32, residual_dtype=torch.float32))
+    residual = residual.detach().view(2, 3, 32).requires_grad_()
+    inputs = [x, residual, weight, bias]
+    out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=True)
+    assert out.shape == (2, 3, 32)
+    check_layer_norm_against_reference(out, inputs, torch.float32)
+
+
+def test_layer_norm_rejects_bad_shapes():
+    x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    with pytest.raises(ValueError, match="residual has shape"):
+        add_dropout_layer_norm(x, residual[:2], weight, bias, 1e-5)
+    with pytest.raises(ValueError, match="weight and bias"):
+        add_dropout_layer_norm(x, residual, weight[:8], bias, 1e-5)
+    with pytest.raises(ValueError, match="dropout_p"):
+        add_dropout_layer_norm(x, residual, weight, bias, 1e-5, dropout_p=1.5, training=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------------------------
+def run_with_dropout(use_triton, dropout_p, rows=17, hidden=37, dtype=torch.float32, seed=0):
+    """One forward and backward with dropout on; returns (inputs, out, keep mask recovered from d_x)."""
+    inputs = leaves(*ln_inputs(rows, hidden, dtype, residual_dtype=dtype))
+    torch.manual_seed(seed)
+    out = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=dropout_p, training=True, use_triton=use_triton)
+    # d_x = keep * d_z / (1 - p): with a random grad_out, d_z is nonzero almost surely, so d_x's zeros are the
+    # dropped elements (computed from the backward's regenerated mask).
+    (dx,) = torch.autograd.grad(out, inputs[0], rand(rows, hidden, seed=10).to(out.dtype), retain_graph=True)
+    return inputs, out, dx != 0
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_forward_and_backward_agree_on_the_mask(use_triton, dtype):
+    # The mask the backward regenerates explains the forward output exactly (reference with that mask), and every
+    # gradient matches the reference's.
+    p = 0.3
+    inputs, out, keep = run_with_dropout(use_triton, p, dtype=dtype)
+    assert 0 < keep.sum() < keep.numel()
+    check_layer_norm_against_reference(out, inputs, dtype, keep=keep, dropout_p=p)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_dropout_keeps_about_one_minus_p(use_triton):
+    p = 0.3
+    _, _, keep = run_with_dropout(use_triton, p, rows=64, hidden=48)
+    fraction = keep.double().mean().item()  # 3072 draws: standard deviation 0.008
+    assert abs(fraction - (1 - p)) < 0.04, fraction
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_dropout_same_seed_same_result(use_triton):
+    _, out_a, keep_a = run_with_dropout(use_triton, 0.5, seed=1)
+    _, out_b, keep_b = run_with_dropout(use_triton, 0.5, seed=1)
+    _, out_c, keep_c = run_with_dropout(use_triton, 0.5, seed=2)
+    assert torch.equal(out_a, out_b) and torch.equal(keep_a, keep_b)
+    assert not torch.equal(keep_a, keep_c)
+
+
+@requires_kernels
+def test_dropout_masks_differ_across_rows():
+    # The Philox offset is row * hidden + column: rows must not repeat each other's mask.
+    _, _, keep = run_with_dropout(True, 0.5, rows=8, hidden=32)
+    assert len({tuple(row.tolist()) for row in keep}) == 8
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_no_dropout_when_p_zero_or_eval(use_triton):
+    inputs = ln_inputs(9, 48, torch.float32, residual_dtype=torch.float32)
+    plain = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
+    rng = torch.get_rng_state()
+    eval_mode = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=0.5, training=False, use_triton=use_triton)
+    p_zero = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=0.0, training=True, use_triton=use_triton)
+    assert torch.equal(eval_mode, plain) and torch.equal(p_zero, plain)
+    assert torch.equal(torch.get_rng_state(), rng), "no dropout must not draw from the generator"
+    ref = layer_norm_reference(*inputs, 1e-5)
+    assert_close(plain, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_dropout_p_one_drops_everything(use_triton):
+    inputs = ln_inputs(4, 32, torch.float32, residual_dtype=torch.float32)
+    out = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=1.0, training=True, use_triton=use_triton)
+    x, residual, weight, bias = inputs
+    assert_close(out, layer_norm_reference(torch.zeros_like(x), residual, weight, bias, 1e-5), torch.float32)
+
+
+@requires_kernels
+def test_backward_is_deterministic():
+    inputs = leaves(*ln_inputs(33, 48, torch.float32, residual_dtype=torch.float32))
+    grad_out = rand(33, 48, seed=3)
+    torch.manual_seed(0)
+    out = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=0.2, training=True, use_triton=True)
+    first = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch, torch.compile, re-import
+# ------------------------------------------------------------------------------------------------------------
+def mosaic_ops_called(fn, *args, **kwargs):
+    """Names of the mosaic_bert custom ops that `fn(*args, **kwargs)` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "mosaic_bert":
+                self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        fn(*args, **kwargs)
+    return recorder.names
+
+
+def test_automatic_choice_never_takes_the_interpreter():
+    cpu = torch.zeros(2)
+    assert fused_kernels_available(cpu) == (fused_ops.HAS_TRITON and fused_ops._INTERPRET)
+    x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    if not HAS_CUDA:
+        assert mosaic_ops_called(gated_gelu, x) == []
+        assert mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5) == []
+    assert mosaic_ops_called(gated_gelu, x, use_triton=False) == []
+    if not fused_kernels_available(cpu):
+        with pytest.raises(RuntimeError, match="use_triton=True"):
+            gated_gelu(torch.zeros(2, 8), use_triton=True)
+
+
+@requires_kernels
+def test_use_triton_dispatches_the_custom_ops(monkeypatch):
+    x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    assert mosaic_ops_called(gated_gelu, x, use_triton=True) == ["mosaic_bert::gated_gelu_fwd"]
+    called = mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5, use_triton=True)
+    assert called == ["mosaic_bert::add_dropout_layer_norm_fwd"]
+    # the module-level default does the same for use_triton=None
+    monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", True)
+    assert mosaic_ops_called(gated_gelu, x) == ["mosaic_bert::gated_gelu_fwd"]
+    monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", False)
+    assert mosaic_ops_called(gated_gelu, x.to(DEVICE)) == []
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_compile_fullgraph_no_graph_breaks(use_triton):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def block(h, residual, w_in, w_out, weight, bias):
+        # (t, hidden) -> GLU MLP -> residual add + dropout + LayerNorm
+        inner = gated_gelu(h @ w_in, use_triton=use_triton)
+        return add_dropout_layer_norm(inner @ w_out, residual, weight, bias, 1e-5, dropout_p=0.1, training=True,
+                                      use_triton=use_triton)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    hidden, inter = 24, 20
+    args = leaves(rand(5, hidden), rand(5, hidden, seed=1), rand(hidden, 2 * inter, seed=2, scale=0.2),
+                  rand(inter, hidden, seed=3, scale=0.2), 1.0 + rand(hidden, seed=4, scale=0.1),
+                  rand(hidden, seed=5, scale=0.1))
+    torch.manual_seed(7)
+    out = compiled(*args)
+    got = torch.autograd.grad(out, args, torch.ones_like(out))
+    assert counter.frame_count == 1
+    torch.manual_seed(7)
+    eager = block(*args)
+    expected = torch.autograd.grad(eager, args, torch.ones_like(eager))
+    if use_triton:
+        # same seed tensor drawn in both: identical mask, identical numbers
+        torch.testing.assert_close(out, eager)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+    else:
+        assert out.shape == eager.shape and all(g.shape == e.shape for g, e in zip(got, expected))
+
+
+def test_reimport_reuses_the_registered_ops():
+    # transformers imports the package as remote code under another module name; a second copy of this file in
+    # the same process must import (the dispatcher already holds the mosaic_bert ops) and compute the same.
+    spec = importlib.util.spec_from_file_location("fused_ops_second_copy", os.path.join(REPO_ROOT, "fused_ops.py"))
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    x = rand(3, 32)
+    torch.testing.assert_close(copy.gated_gelu(x, use_triton=False), gated_gelu(x, use_triton=False))
+    if KERNELS:
+        torch.testing.assert_close(copy.gated_gelu(x, use_triton=True), gated_gelu(x, use_triton=True))
+
+
+def test_imports_and_falls_back_without_triton():
+    # Triton is optional: with it unimportable the module imports and both functions compute on PyTorch ops.
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_ops\n"
+        "assert not fused_ops.HAS_TRITON and not fused_ops.fused_kernels_available(torch.zeros(1))\n"
+        "x = torch.randn(3, 8, requires_grad=True)\n"
+        "fused_ops.gated_gelu(x).sum().backward()\n"
+        "w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)\n"
+        "fused_ops.add_dropout_layer_norm(x[:, :4], x[:, 4:], w, b, 1e-5, 0.1, True).sum().backward()\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU only: bf16, realistic sizes
+# ------------------------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows,inter", [(1, 3072), (1000, 3072), (129, 1000)])
+def test_gated_gelu_cuda(dtype, rows, inter):
+    (x,) = leaves(rand(rows, 2 * inter, dtype=dtype, scale=2.0))
+    out = gated_gelu(x)
+    (x64,) = leaves(x.double())
+    ref = gated_gelu_reference(x64)
+    assert_close(out, ref, dtype, "out")
+    grad_out = rand(rows, inter, seed=5).to(dtype)
+    (dx,) = torch.autograd.grad(out, x, grad_out)
+    (dx_ref,) = torch.autograd.grad(ref, x64, grad_out.double())
+    assert_close(dx, dx_ref, dtype, "d_x")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 768), (2000, 768), (999, 1024), (300, 1000)])
+def test_layer_norm_cuda(dtype, rows, hidden):
+    inputs = leaves(*ln_inputs(rows, hidden, dtype, residual_dtype=torch.float32))
+    out = add_dropout_layer_norm(*inputs, 1e-12, out_dtype=dtype)
+    assert out.dtype == dtype
+    check_layer_norm_against_reference(out, inputs, dtype, eps=1e-12)
+    inputs = leaves(*ln_inputs(rows, hidden, dtype, residual_dtype=dtype))
+    torch.manual_seed(0)
+    out = add_dropout_layer_norm(*inputs, 1e-12, dropout_p=0.1, training=True)
+    (dx,) = torch.autograd.grad(out, inputs[0], rand(rows, hidden, seed=10).to(dtype), retain_graph=True)
+    check_layer_norm_against_reference(out, inputs, dtype, keep=dx != 0, dropout_p=0.1, eps=1e-12)
+
+
+@requires_cuda
+def test_autocast_bf16_matches_unfused():
+    # Under autocast a bf16 Linear output plus the fp32 residual stream gives fp32, as the unfused expression.
+    linear = torch.nn.Linear(64, 64).cuda()
+    norm = torch.nn.LayerNorm(64).cuda()
+    h = rand(50, 64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = linear(h)
+        fused = add_dropout_layer_norm(y, h, norm.weight, norm.bias, norm.eps)
+        unfused = norm(y + h)
+    assert fused.dtype == unfused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
