@@ -154,7 +154,7 @@ class MosaicBertModelTest(ModelTesterMixin, unittest.TestCase):
 
     def setUp(self):
         self.model_tester = MosaicBertModelTester(self)
-        self.config_tester = ConfigTester(self, config_class=CONFIG_CLASS, hidden_size=48)
+        self.config_tester = ConfigTester(self, config_class=CONFIG_CLASS, hidden_size=37)  # as transformers BERT
 
     def test_config(self):
         if TRANSFORMERS_V4:

@@ -1,0 +1,57 @@
+"""torch.compile(fullgraph=True) traces the model with no graph break on CPU (the plain path takes the dense
+layout while compiling), and the compiled model gives the eager model's outputs and gradients."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_modeling import ragged_batch
+
+
+@pytest.fixture
+def dynamic_shapes():
+    # Unpadding sizes tensors by the data (nonzero): dynamo captures that with these two switches on.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _batch(with_labels):
+    ids, mask = ragged_batch([5, 3, 6], seed=1)
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if with_labels:
+        chosen = mask.bool() & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.5)
+        kwargs["labels"] = torch.where(chosen, ids, -100)
+    return kwargs
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_no_graph_break(dynamic_shapes, with_labels):
+    model = tiny_model()
+    explained = torch._dynamo.explain(model)(**_batch(with_labels))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("auto_class", ["AutoModelForMaskedLM", "AutoModelForSequenceClassification"])
+def test_fullgraph_compile_matches_eager_forward_and_gradients(dynamic_shapes, auto_class):
+    model = tiny_model(auto_class, num_labels=3)
+    kwargs = _batch(with_labels=auto_class == "AutoModelForMaskedLM")
+    if auto_class != "AutoModelForMaskedLM":
+        kwargs["labels"] = torch.tensor([0, 2, 1])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for m in (model, compiled):
+        model.zero_grad()
+        out = m(**kwargs)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters()
+                                                                 if p.grad is not None]))
+    (loss, logits, grads), (c_loss, c_logits, c_grads) = results
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_logits, logits, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(c_grads)
+    for a, b in zip(c_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
