@@ -44,6 +44,17 @@ def tiny_model(auto_class="AutoModelForMaskedLM", seed=0, **overrides):
     return cls.from_config(tiny_config(**overrides), trust_remote_code=True).eval()
 
 
+def ragged_batch(lengths, vocab=99, seed=0, seqlen=None, device="cpu"):
+    """Random ids with right padding: (len(lengths), seqlen) ids (0 at padding) and the 0/1 mask."""
+    g = torch.Generator().manual_seed(seed)
+    seqlen = seqlen or max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), seqlen), generator=g)
+    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return (ids * mask).to(device), mask.to(device)
+
+
 def package_module(model, name="modeling_bert"):
     """The loaded remote-code module `name` that `model` came from."""
     package = type(model).__module__.rsplit(".", 1)[0]

@@ -3,8 +3,7 @@ layout while compiling), and the compiled model gives the eager model's outputs 
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_modeling import ragged_batch
+from conftest import ragged_batch, tiny_model
 
 
 @pytest.fixture

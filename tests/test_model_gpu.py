@@ -2,17 +2,9 @@
 
 import pytest
 import torch
-from conftest import package_module, tiny_model
+from conftest import package_module, ragged_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def ragged(lengths, vocab, device):
-    g = torch.Generator().manual_seed(0)
-    s = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), s), generator=g)
-    mask = (torch.arange(s)[None] < torch.tensor(lengths)[:, None]).long()
-    return (ids * mask).to(device), mask.to(device)
 
 
 def rel_err(a, b):
@@ -27,7 +19,7 @@ def test_triton_model_matches_plain_path(dtype):
     if not mb.HAS_TRITON:
         pytest.skip("triton is not installed")
     lengths = [1, 17, 97, 128, 255, 513, 1025]
-    ids, mask = ragged(lengths, 1000, "cuda")
+    ids, mask = ragged_batch(lengths, 1000, device="cuda")
     labels = torch.where((torch.rand(ids.shape, device="cuda") < 0.3) & mask.bool(), ids, -100)
     ref32 = None
     results = {}
@@ -58,11 +50,11 @@ def test_auto_backend_picks_kernel_on_cuda_half_and_plain_for_fp32():
     mb = package_module(model)
     if not mb.HAS_TRITON:
         pytest.skip("triton is not installed")
-    qkv = torch.zeros(4, 3, 4, 8, device="cuda", dtype=torch.bfloat16)
-    assert mb.select_attention_backend(model.config, qkv, 0.0, False) == "triton"
-    assert mb.select_attention_backend(model.config, qkv.float(), 0.0, False) == "torch"
+    cuda = torch.device("cuda")
+    assert mb.resolve_attention(model.config, cuda, torch.bfloat16, 0.0) == "triton"
+    assert mb.resolve_attention(model.config, cuda, torch.float32, 0.0) == "torch"
     with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
-        mb.select_attention_backend(model.config, qkv, 0.1, False)
+        mb.resolve_attention(model.config, cuda, torch.bfloat16, 0.1)
 
 
 def test_long_sequence_memory_is_linear():
@@ -84,3 +76,75 @@ def test_long_sequence_memory_is_linear():
         peaks.append(torch.cuda.max_memory_allocated() - base)
         model.zero_grad(set_to_none=True)
     assert peaks[1] < 6 * peaks[0], peaks
+
+
+def _count_syncs(fn):
+    """Device-to-host synchronizations made by fn(), counted with CUDA's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_step_reads_the_device_once(padded):
+    """Forward and backward of a well-formed batch: one device-to-host read (the batched input checks)."""
+    model = tiny_model(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=1000).cuda().train()
+    mb = package_module(model)
+    if not mb.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    ids, mask = ragged_batch([64, 40, 64, 7] if padded else [64] * 4, 1000, device="cuda")
+    labels = torch.where((torch.rand(ids.shape, device="cuda") < 0.3) & mask.bool(), ids, -100)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+
+    step()  # compile the kernels first
+    assert _count_syncs(step) == 1
+
+
+def test_inference_forward_reads_the_device_once():
+    model = tiny_model("AutoModel", hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                       vocab_size=1000).cuda().bfloat16()
+    ids, mask = ragged_batch([1, 50, 128], 1000, device="cuda")
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+        assert _count_syncs(lambda: model(input_ids=ids, attention_mask=mask)) == 1
+
+
+def test_fullgraph_compile_with_the_kernels_matches_eager():
+    import torch._dynamo
+
+    model = tiny_model(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=1000).cuda()
+    mb = package_module(model)
+    if not mb.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    ids, mask = ragged_batch([64, 40, 64, 7], 1000, device="cuda")
+    labels = torch.where((torch.rand(ids.shape, device="cuda") < 0.3) & mask.bool(), ids, -100)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(model, fullgraph=True)
+        results = []
+        for m in (model, compiled):
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = m(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            results.append((out.loss.float(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                         if p.grad is not None])))
+    torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
+    rel = ((results[1][1] - results[0][1]).norm() / results[0][1].norm()).item()
+    assert rel < 3e-2, rel

@@ -6,18 +6,8 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import REPO, package_module, tiny_config, tiny_model
+from conftest import REPO, package_module, ragged_batch, tiny_config, tiny_model
 from reference import closed_form_slopes, reference_encoder, reference_mlm_logits
-
-
-def ragged_batch(lengths, vocab=99, seed=0, seqlen=None):
-    g = torch.Generator().manual_seed(seed)
-    seqlen = seqlen or max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), seqlen), generator=g)
-    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return ids * mask, mask
 
 
 def assert_close_rel(actual, expected, rtol=1e-5):
