@@ -116,7 +116,7 @@ def test_split_documents_formats():
 
 def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_path, monkeypatch):
     files = mlm_data.resolve_text_files([str(corpus / "train")])
-    first = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, num_proc=1, log=lambda *a: None)
+    first = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, num_proc=1, log=lambda *a: None)
     docs = _documents(150, 0)
     assert first.num_documents == 300
     for i in (0, 7, 149):
@@ -124,11 +124,12 @@ def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_p
         assert first.tokens[first.doc_offsets[i]:first.doc_offsets[i + 1]].tolist() == expected
     assert first.tokens.dtype == np.uint16
     messages = []
-    again = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, num_proc=1, log=messages.append)
+    again = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, num_proc=1, log=messages.append)
     assert again.path == first.path and messages and "cached" in messages[0]
     # A process pool gives the same tokens (it is only a speed-up); these files are small enough to skip it.
     monkeypatch.setattr(mlm_data, "SMALL_INPUT_BYTES", 0)
-    pooled = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path / "pool", num_proc=2, log=lambda *a: None)
+    pooled = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path / "pool", num_proc=2,
+                                        log=lambda *a: None)
     assert np.array_equal(np.asarray(pooled.tokens), np.asarray(first.tokens))
     assert np.array_equal(pooled.doc_offsets, first.doc_offsets)
 
@@ -136,13 +137,14 @@ def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_p
 def test_empty_text_file_is_an_error(tokenizer, tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     with pytest.raises(ValueError, match="blank.txt.*empty"):
-        mlm_data.tokenize_files_to_cache([tmp_path / "blank.txt"], tokenizer, tmp_path / "c", log=lambda *a: None)
+        mlm_data.tokenize_to_cache(mlm_data.TextFiles([tmp_path / "blank.txt"]), tokenizer, tmp_path / "c",
+                                   log=lambda *a: None)
 
 
 @pytest.mark.parametrize("packing", ["concat", "document"])
 def test_sequences_are_cls_body_sep_and_cover_the_text(corpus, tokenizer, tmp_path, packing):
     files = mlm_data.resolve_text_files([str(corpus / "valid.txt.xz")])
-    c = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, log=lambda *a: None)
+    c = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, log=lambda *a: None)
     seqs = mlm_data.TokenSequences(c, 17, tokenizer.cls_token_id, tokenizer.sep_token_id, packing)
     items = [seqs[i]["input_ids"] for i in range(len(seqs))]
     assert all(len(x) <= 17 and x[0] == tokenizer.cls_token_id and x[-1] == tokenizer.sep_token_id for x in items)
@@ -205,7 +207,7 @@ def test_a_batch_always_predicts_something(tokenizer):
 
 def test_validation_masking_is_fixed(corpus, tokenizer, tmp_path):
     files = mlm_data.resolve_text_files([str(corpus / "valid.txt.xz")])
-    c = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, log=lambda *a: None)
+    c = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, log=lambda *a: None)
     seqs = mlm_data.TokenSequences(c, 32, tokenizer.cls_token_id, tokenizer.sep_token_id)
     collator = mlm_data.FlatMLMCollator.from_tokenizer(tokenizer, 0.3)
     a = mlm_data.FixedMaskDataset(seqs, collator, 0.15, seed=1)
@@ -325,7 +327,7 @@ def test_pretrain_bad_inputs_fail_before_training(corpus, tiny_config_file, tmp_
         run("--train_files", str(corpus / "train"), "--dataset", "x")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         run("--train_files", str(corpus / "train"), "--config", str(tmp_path / "nope.json"))
-    with pytest.raises(ValueError, match="mlm_probability"):
+    with pytest.raises(ValueError, match="--mlm-probability"):
         run("--train_files", str(corpus / "train"), "--mlm_probability", "1.5")
     (tmp_path / "blank.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
@@ -509,10 +511,10 @@ def test_finetune_glue_bad_inputs(tiny_checkpoint, glue_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="cola/train.tsv"):
         run("--model", str(tiny_checkpoint), "--tasks", "cola", "--data_dir", str(glue_dir))
     _write_tsv(tmp_path / "bad" / "mrpc" / "train.tsv", ("text_a", "text_b", "label"), [("a", "b", 1)])
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence1', 'sentence2'\].*text_a"):
+    with pytest.raises(ValueError, match=r"train.tsv:1: the header lacks column\(s\) \[.sentence1., .sentence2.\]"):
         run("--model", str(tiny_checkpoint), "--tasks", "mrpc", "--data_dir", str(tmp_path / "bad"))
     _write_tsv(tmp_path / "bad2" / "sst2" / "train.tsv", ("sentence", "label"), [("fine", 1), ("odd", 2)])
-    with pytest.raises(ValueError, match="label 2.0 is not a class id"):
+    with pytest.raises(ValueError, match=r"bad2/sst2/train.tsv:3: label '2' is not a class id"):
         run("--model", str(tiny_checkpoint), "--tasks", "sst2", "--data_dir", str(tmp_path / "bad2"))
     no_weights = tmp_path / "no_weights"  # the folder's config and code without weights (this folder ships some)
     no_weights.mkdir()
