@@ -9,10 +9,10 @@ Input formats (`--format`, detected when `auto`):
 
 hub       The Hub repo's `pytorch_model.bin` (or `model.safetensors`) of mosaic-bert-base and its seqlen variants:
           the same state-dict keys as this package. Sizes come from the folder's config.json when there is one,
-          else from the tensor shapes (heads = hidden / 64 unless `--num_attention_heads`).
+          else from the tensor shapes (heads = hidden / 64 unless `--num-attention-heads`).
 composer  A Composer checkpoint (`.pt`) of the original training code: `state["state"]["model"]` (or
           `state["model"]`) holding the model's keys prefixed with `model.`. Loaded with `weights_only=True`;
-          a checkpoint that pickles other objects needs `--unsafe_pickle` (only for files you trust).
+          a checkpoint that pickles other objects needs `--unsafe-pickle` (only for files you trust).
 hf_bert   A stock transformers BERT checkpoint (BertForMaskedLM, BertForPreTraining, BertModel or
           BertForSequenceClassification). MosaicBERT differs in architecture, so only part of it maps:
             copied      word and token-type embeddings, the embedding LayerNorm; per layer q/k/v fused into Wqkv
@@ -25,13 +25,15 @@ hf_bert   A stock transformers BERT checkpoint (BertForMaskedLM, BertForPreTrain
                         counterpart, so mlp.gated_layers and mlp.wo keep their fresh initialisation), and the NSP
                         head (cls.seq_relationship: dropped). The result needs further pretraining to be useful.
 
-Vocabulary: the output has `--vocab_size` rows (default: the input's size rounded up to a multiple of 8, e.g.
+Vocabulary: the output has `--vocab-size` rows (default: the input's size rounded up to a multiple of 8, e.g.
 30522 → 30528). Added rows are zero in the embeddings and get the smallest existing decoder bias, so they are
 never predicted; a smaller size slices rows off (never below the tokenizer's size).
 
 Every check (file present, recognisable keys, shapes, sizes) runs before anything is written; errors name the
-file, key or field at fault. Attention dropout is set to 0.0 in the output config (the Triton attention kernel
-has none; upstream configs sometimes say 0.1).
+file, key or field at fault; a NaN or infinite weight is refused (naming the tensor), and so is a shard index
+whose file names point outside the input folder. Attention dropout is set to 0.0 in the output config (the Triton
+attention kernel has none; upstream configs sometimes say 0.1). Option names are dashed; the older underscore
+spellings (`--num_attention_heads`) still work.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "train"))
+from script_cli import HelpFormatter, exit_on_input_error, flag  # noqa: E402
 FORMATS = ("auto", "hub", "composer", "hf_bert")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
@@ -72,20 +76,36 @@ def _torch_load(path: Path, unsafe_pickle: bool):
             raise ConversionError(
                 f"{str(path)!r} could not be loaded with torch.load(weights_only=True) ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}). If it is a checkpoint you trust that pickles "
-                "other objects (e.g. a full Composer checkpoint), pass --unsafe_pickle."
+                "other objects (e.g. a full Composer checkpoint), pass --unsafe-pickle."
             ) from None
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _shard_path(index_file: Path, shard) -> Path:
+    """The shard file an index names, which must be a plain relative path inside the index's folder: an absolute
+    path or a `..` would read a file outside the checkpoint. (Symlinks inside the folder, as in a Hub cache
+    snapshot, are fine: the check is on the name.)"""
+    if not isinstance(shard, str) or not shard.strip():
+        raise ConversionError(f"{str(index_file)!r} names an invalid shard file {shard!r}.")
+    parts = re.split(r"[\\/]", shard)
+    if shard.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", shard) or ".." in parts:
+        raise ConversionError(f"{str(index_file)!r} names the shard {shard!r}, which is outside the checkpoint "
+                              "folder; shard names must be relative paths inside it.")
+    return index_file.parent / shard
+
+
 def _load_weights_file(path: Path, unsafe_pickle: bool):
     if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        if not shards:
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{str(path)!r} is not valid JSON ({err}).") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(f"{str(path)!r} lists no weight shards.")
         merged = {}
-        for shard in shards:
-            merged.update(_load_weights_file(path.parent / shard, unsafe_pickle))
+        for shard in sorted({_shard_path(path, v) for v in weight_map.values()}):
+            merged.update(_load_weights_file(shard, unsafe_pickle))
         return merged
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file not found: {str(path)!r}.")
@@ -94,6 +114,19 @@ def _load_weights_file(path: Path, unsafe_pickle: bool):
 
         return load_file(str(path))
     return _torch_load(path, unsafe_pickle)
+
+
+def check_finite(tensors: dict, source: Path) -> None:
+    """A NaN or infinite weight would convert into a model that outputs NaN; refuse it, naming the tensor."""
+    for key, value in tensors.items():
+        if value.is_floating_point() or value.is_complex():
+            finite = torch.isfinite(value)
+            if not finite.all():
+                bad = value[~finite]
+                raise ConversionError(
+                    f"{str(source)!r}: tensor {key!r} holds {bad.numel()} non-finite value(s) (e.g. {bad[0].item()}); "
+                    "a checkpoint with NaN or inf weights cannot be converted."
+                )
 
 
 def read_input(path: str, unsafe_pickle: bool = False) -> tuple[dict, dict | None, bool, Path]:
@@ -130,6 +163,7 @@ def read_input(path: str, unsafe_pickle: bool = False) -> tuple[dict, dict | Non
         raise ConversionError(f"{str(weights)!r} holds no tensors.")
     if composer:
         tensors = {_strip(k, ("model.", "module.")): v for k, v in tensors.items()}
+    check_finite(tensors, weights)
     return tensors, config, composer, weights
 
 
@@ -207,7 +241,8 @@ def map_hf_bert(sd: dict) -> tuple[dict, dict]:
             out[f"{dst}mlp.layernorm.{part}"] = _require(sd, f"{src}output.LayerNorm.{part}")
     for part in ("weight", "bias"):
         for src_key, dst_key in ((f"bert.pooler.dense.{part}", f"bert.pooler.dense.{part}"),
-                                 (f"cls.predictions.transform.dense.{part}", f"cls.predictions.transform.dense.{part}"),
+                                 (f"cls.predictions.transform.dense.{part}",
+                                  f"cls.predictions.transform.dense.{part}"),
                                  (f"cls.predictions.transform.LayerNorm.{part}",
                                   f"cls.predictions.transform.LayerNorm.{part}"),
                                  (f"classifier.{part}", f"classifier.{part}")):
@@ -253,10 +288,10 @@ def infer_sizes(sd: dict, fmt: str, upstream: dict | None, num_heads: int | None
     elif "num_attention_heads" not in fields:
         if sizes["hidden_size"] % 64:
             raise ConversionError(f"Cannot infer the number of heads for hidden_size {sizes['hidden_size']}; "
-                                  "pass --num_attention_heads.")
+                                  "pass --num-attention-heads.")
         fields["num_attention_heads"] = sizes["hidden_size"] // 64
         print(f"note: no config.json; assuming head dim 64 → {fields['num_attention_heads']} heads "
-              "(override with --num_attention_heads)")
+              "(override with --num-attention-heads)")
     if "classifier.weight" in sd:
         fields["num_labels"] = sd["classifier.weight"].shape[0]
         if "id2label" in fields and len(fields["id2label"]) != fields["num_labels"]:
@@ -310,7 +345,7 @@ def convert(input_path: str, output_dir: str, fmt: str = "auto", model_dir: str 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {output_dir!r} is not empty; pass --overwrite to replace its files.")
     if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"No config.json in --model_dir {model_dir!r} (the package folder).")
+        raise FileNotFoundError(f"No config.json in --model-dir {model_dir!r} (the package folder).")
 
     raw, upstream, composer, weights_file = read_input(input_path, unsafe_pickle)
     sd = _normalize_keys(raw)
@@ -332,7 +367,7 @@ def convert(input_path: str, output_dir: str, fmt: str = "auto", model_dir: str 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     target_vocab = vocab_size or -(-sizes["vocab_size"] // 8) * 8
     if target_vocab < len(tokenizer):
-        raise ConversionError(f"--vocab_size {target_vocab} is smaller than the tokenizer ({len(tokenizer)} tokens).")
+        raise ConversionError(f"--vocab-size {target_vocab} is smaller than the tokenizer ({len(tokenizer)} tokens).")
     if target_vocab != sizes["vocab_size"]:
         report["vocab_resized"] = [sizes["vocab_size"], target_vocab]
     sd = resize_vocab(sd, target_vocab)
@@ -341,7 +376,7 @@ def convert(input_path: str, output_dir: str, fmt: str = "auto", model_dir: str 
     auto_class = choose_auto_class(sd)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True, **sizes)
     if config.model_type != "mosaic_bert":
-        raise ConversionError(f"--model_dir {model_dir!r} is not the MosaicBERT package (model_type "
+        raise ConversionError(f"--model-dir {model_dir!r} is not the MosaicBERT package (model_type "
                               f"{config.model_type!r}).")
     torch.manual_seed(0)
     model = getattr(transformers, auto_class).from_config(config, trust_remote_code=True)
@@ -386,14 +421,15 @@ def convert(input_path: str, output_dir: str, fmt: str = "auto", model_dir: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="Checkpoint file or folder.")
     p.add_argument("--output", required=True, help="Folder to write the converted model to.")
     p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--model_dir", default=str(REPO_ROOT), help="This package's folder (config, code, tokenizer).")
-    p.add_argument("--vocab_size", type=int, default=None, help="Rows of the output vocabulary.")
-    p.add_argument("--num_attention_heads", type=int, default=None, help="When no config.json gives it.")
-    p.add_argument("--unsafe_pickle", action="store_true", help="Allow torch.load(weights_only=False).")
+    p.add_argument(*flag("--model-dir"), default=str(REPO_ROOT),
+                   help="This package's folder (config, code, tokenizer).")
+    p.add_argument(*flag("--vocab-size"), type=int, default=None, help="Rows of the output vocabulary.")
+    p.add_argument(*flag("--num-attention-heads"), type=int, default=None, help="When no config.json gives it.")
+    p.add_argument(*flag("--unsafe-pickle"), action="store_true", help="Allow torch.load(weights_only=False).")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -414,5 +450,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    # Bad input: a one-line error and status 2 (nothing written).
+    exit_on_input_error(main)

@@ -7,6 +7,7 @@ identical outputs. A stock transformers BERT maps only in part: the mapped tenso
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_composer_checkpoint_with_pickled_objects_needs_unsafe_pickle(tmp_path):
     state = {"state": {"model": {f"model.{k}": v for k, v in model.state_dict().items()}},
              "config": argparse.Namespace(run_name="x")}  # an arbitrary object: refused by weights_only
     torch.save(state, tmp_path / "latest.pt")
-    with pytest.raises(ValueError, match="--unsafe_pickle"):
+    with pytest.raises(ValueError, match="--unsafe-pickle"):
         cc.main(["--input", str(tmp_path / "latest.pt"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     cc.main(["--input", str(tmp_path / "latest.pt"), "--output", str(tmp_path / "out"), "--unsafe_pickle",
@@ -154,7 +155,7 @@ def test_vocab_can_shrink(tmp_path):
     model = ours(seed=4)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(upstream_config()))
-    cc.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--vocab_size", "30522"])
+    cc.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--vocab-size", "30522"])
     converted = load(tmp_path / "out")
     assert converted.config.vocab_size == 30522
     assert torch.equal(converted.bert.embeddings.word_embeddings.weight,
@@ -231,3 +232,65 @@ def test_runs_as_a_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Converted" in proc.stdout
     assert torch.equal(outputs(load(tmp_path / "out")), outputs(model))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
+    sd = ours(seed=9).state_dict()
+    sd["bert.encoder.layer.1.mlp.wo.weight"][3, 5] = value
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"tensor 'bert.encoder.layer.1.mlp.wo.weight' holds 1 non-finite value"):
+        cc.main(["--input", str(tmp_path / "pytorch_model.bin"), "--output", str(tmp_path / "out"),
+                 "--num-attention-heads", "2"])
+    assert not (tmp_path / "out").exists()
+
+
+def _sharded_checkpoint(folder: Path, seed: int) -> tuple[torch.nn.Module, dict]:
+    """A two-shard safetensors checkpoint with its index, as save_pretrained writes one."""
+    from safetensors.torch import save_file
+
+    model = ours(seed=seed)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    keys = sorted(sd)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "config.json").write_text(json.dumps(upstream_config()))
+    return model, weight_map
+
+
+def _write_index(folder: Path, weight_map: dict):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_safetensors_round_trip(tmp_path):
+    model, weight_map = _sharded_checkpoint(tmp_path / "src", seed=10)
+    _write_index(tmp_path / "src", weight_map)
+    cc.main(["--input", str(tmp_path / "src"), "--output", str(tmp_path / "out")])
+    assert torch.equal(outputs(load(tmp_path / "out")), outputs(model))
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE",
+                                    "..\\outside.safetensors"])
+def test_shard_paths_outside_the_input_folder_are_refused(tmp_path, escape):
+    src = tmp_path / "ckpt" / "src"
+    _, weight_map = _sharded_checkpoint(src, seed=11)
+    # A real file outside the folder, so only the path check can stop it being read.
+    shutil.copy(src / "model-00002-of-00002.safetensors", tmp_path / "ckpt" / "outside.safetensors")
+    shard = str(tmp_path / "ckpt" / "outside.safetensors") if escape == "ABSOLUTE" else escape
+    _write_index(src, {k: (shard if v.startswith("model-00002") else v) for k, v in weight_map.items()})
+    with pytest.raises(ValueError, match=r"names the shard .*outside.safetensors.*, which is outside the checkpoint"):
+        cc.main(["--input", str(src), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_on_the_command_line_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "convert_checkpoint.py"), "--input",
+                           str(tmp_path / "nothing.bin"), "--output", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "convert_checkpoint.py: error: Input checkpoint not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -116,7 +116,7 @@ def test_split_documents_formats():
 
 def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_path, monkeypatch):
     files = mlm_data.resolve_text_files([str(corpus / "train")])
-    first = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, num_proc=1, log=lambda *a: None)
+    first = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, num_proc=1, log=lambda *a: None)
     docs = _documents(150, 0)
     assert first.num_documents == 300
     for i in (0, 7, 149):
@@ -124,11 +124,12 @@ def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_p
         assert first.tokens[first.doc_offsets[i]:first.doc_offsets[i + 1]].tolist() == expected
     assert first.tokens.dtype == np.uint16
     messages = []
-    again = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, num_proc=1, log=messages.append)
+    again = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, num_proc=1, log=messages.append)
     assert again.path == first.path and messages and "cached" in messages[0]
     # A process pool gives the same tokens (it is only a speed-up); these files are small enough to skip it.
     monkeypatch.setattr(mlm_data, "SMALL_INPUT_BYTES", 0)
-    pooled = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path / "pool", num_proc=2, log=lambda *a: None)
+    pooled = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path / "pool", num_proc=2,
+                                        log=lambda *a: None)
     assert np.array_equal(np.asarray(pooled.tokens), np.asarray(first.tokens))
     assert np.array_equal(pooled.doc_offsets, first.doc_offsets)
 
@@ -136,13 +137,14 @@ def test_tokenize_cache_matches_tokenizer_and_is_reused(corpus, tokenizer, tmp_p
 def test_empty_text_file_is_an_error(tokenizer, tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     with pytest.raises(ValueError, match="blank.txt.*empty"):
-        mlm_data.tokenize_files_to_cache([tmp_path / "blank.txt"], tokenizer, tmp_path / "c", log=lambda *a: None)
+        mlm_data.tokenize_to_cache(mlm_data.TextFiles([tmp_path / "blank.txt"]), tokenizer, tmp_path / "c",
+                                   log=lambda *a: None)
 
 
 @pytest.mark.parametrize("packing", ["concat", "document"])
 def test_sequences_are_cls_body_sep_and_cover_the_text(corpus, tokenizer, tmp_path, packing):
     files = mlm_data.resolve_text_files([str(corpus / "valid.txt.xz")])
-    c = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, log=lambda *a: None)
+    c = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, log=lambda *a: None)
     seqs = mlm_data.TokenSequences(c, 17, tokenizer.cls_token_id, tokenizer.sep_token_id, packing)
     items = [seqs[i]["input_ids"] for i in range(len(seqs))]
     assert all(len(x) <= 17 and x[0] == tokenizer.cls_token_id and x[-1] == tokenizer.sep_token_id for x in items)
@@ -205,7 +207,7 @@ def test_a_batch_always_predicts_something(tokenizer):
 
 def test_validation_masking_is_fixed(corpus, tokenizer, tmp_path):
     files = mlm_data.resolve_text_files([str(corpus / "valid.txt.xz")])
-    c = mlm_data.tokenize_files_to_cache(files, tokenizer, tmp_path, log=lambda *a: None)
+    c = mlm_data.tokenize_to_cache(mlm_data.TextFiles(files), tokenizer, tmp_path, log=lambda *a: None)
     seqs = mlm_data.TokenSequences(c, 32, tokenizer.cls_token_id, tokenizer.sep_token_id)
     collator = mlm_data.FlatMLMCollator.from_tokenizer(tokenizer, 0.3)
     a = mlm_data.FixedMaskDataset(seqs, collator, 0.15, seed=1)
@@ -325,7 +327,7 @@ def test_pretrain_bad_inputs_fail_before_training(corpus, tiny_config_file, tmp_
         run("--train_files", str(corpus / "train"), "--dataset", "x")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         run("--train_files", str(corpus / "train"), "--config", str(tmp_path / "nope.json"))
-    with pytest.raises(ValueError, match="mlm_probability"):
+    with pytest.raises(ValueError, match="--mlm-probability"):
         run("--train_files", str(corpus / "train"), "--mlm_probability", "1.5")
     (tmp_path / "blank.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
@@ -509,10 +511,10 @@ def test_finetune_glue_bad_inputs(tiny_checkpoint, glue_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="cola/train.tsv"):
         run("--model", str(tiny_checkpoint), "--tasks", "cola", "--data_dir", str(glue_dir))
     _write_tsv(tmp_path / "bad" / "mrpc" / "train.tsv", ("text_a", "text_b", "label"), [("a", "b", 1)])
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence1', 'sentence2'\].*text_a"):
+    with pytest.raises(ValueError, match=r"train.tsv:1: the header lacks column\(s\) \[.sentence1., .sentence2.\]"):
         run("--model", str(tiny_checkpoint), "--tasks", "mrpc", "--data_dir", str(tmp_path / "bad"))
     _write_tsv(tmp_path / "bad2" / "sst2" / "train.tsv", ("sentence", "label"), [("fine", 1), ("odd", 2)])
-    with pytest.raises(ValueError, match="label 2.0 is not a class id"):
+    with pytest.raises(ValueError, match=r"bad2/sst2/train.tsv:3: label '2' is not a class id"):
         run("--model", str(tiny_checkpoint), "--tasks", "sst2", "--data_dir", str(tmp_path / "bad2"))
     no_weights = tmp_path / "no_weights"  # the folder's config and code without weights (this folder ships some)
     no_weights.mkdir()
@@ -533,3 +535,218 @@ def test_scripts_run_as_commands():
         proc = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
                               timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume picks the newest complete checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+def _truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(corpus, tiny_config_file, tmp_path_factory):
+    """A finished 4-step run with checkpoint-2 and checkpoint-4 (copied per test: the tests damage them)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    pretrain.main(_pretrain_argv(corpus, tiny_config_file, root / "run", root / "cache", "--max_steps", "4",
+                                 "--save_steps", "2"))
+    return root / "run"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda c: (c / "trainer_state.json").unlink(), "no trainer_state.json"),
+    (lambda c: (c / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), "trainer_state.json is not"),
+    (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is truncated"),
+    (lambda c: _truncate(c / "model.safetensors", 0.0001), "model.safetensors is truncated"),
+    (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt is truncated"),
+    (lambda c: (c / "optimizer.pt").unlink(), "no optimizer state"),
+    (lambda c: _truncate(c / "rng_state.pth", 0.9), "rng_state.pth is truncated"),
+])
+def test_checkpoint_problem_names_what_is_incomplete(two_checkpoints, tmp_path, damage, reason):
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(two_checkpoints / "checkpoint-4", checkpoint)
+    assert pretrain.checkpoint_problem(checkpoint) is None
+    damage(checkpoint)
+    assert reason in pretrain.checkpoint_problem(checkpoint)
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(corpus, tiny_config_file, two_checkpoints, tmp_path,
+                                                              capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    # A save killed midway: checkpoint-6 has weights but no trainer state; checkpoint-4's optimizer is cut short.
+    (out / "checkpoint-6").mkdir()
+    shutil.copy(out / "checkpoint-4" / "model.safetensors", out / "checkpoint-6" / "model.safetensors")
+    _truncate(out / "checkpoint-4" / "optimizer.pt")
+    summary = pretrain.main(_pretrain_argv(corpus, tiny_config_file, out, tmp_path / "cache", "--max_steps", "6",
+                                           "--save_steps", "100", "--resume"))
+    log = capsys.readouterr().out
+    assert "skipping checkpoint-6: no trainer_state.json" in log
+    assert "skipping checkpoint-4: optimizer.pt is truncated" in log
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 6
+    assert summary["tokens_seen_this_run"] == 4 * 8 * 32
+
+
+def test_resume_without_a_complete_checkpoint_is_an_error(corpus, tiny_config_file, two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    for step in (2, 4):
+        (out / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    argv = _pretrain_argv(corpus, tiny_config_file, out, tmp_path / "cache", "--max_steps", "6", "--resume")
+    with pytest.raises(ValueError, match="no complete checkpoint.*checkpoint-4: no trainer_state.json.*; checkpoint-2: no"):
+        pretrain.main(argv)
+    with pytest.raises(ValueError, match="checkpoint-4'? is not a complete checkpoint: no trainer_state.json"):
+        pretrain.main(argv[:-1] + ["--resume", str(out / "checkpoint-4")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse MLM logits
+# ----------------------------------------------------------------------------------------------------------------
+def test_metrics_accept_sparse_logits_in_row_major_order():
+    torch.manual_seed(0)
+    labels = torch.full((2, 5), -100)
+    labels[0, 3], labels[1, 0], labels[1, 4], labels[0, 1] = 7, 2, 9, 4
+    dense = torch.randn(2, 5, 12)
+    sparse = dense[labels != -100]  # (m, V): the labelled positions, row-major
+    assert sparse.shape == (4, 12)
+    expected = pretrain.preprocess_logits_for_metrics(dense, labels)
+    assert torch.equal(pretrain.preprocess_logits_for_metrics(sparse, labels), expected)
+    assert torch.equal(pretrain.preprocess_logits_for_metrics((sparse,), labels), expected)
+    assert expected[0, 1, 0] == dense[0, 1].argmax() and expected[0, 0].abs().sum() == 0
+    with pytest.raises(ValueError, match="3 rows of logits for 4 labelled tokens"):
+        pretrain.preprocess_logits_for_metrics(sparse[:3], labels)
+
+
+class _ConfigSpy(pretrain.TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.sparse_prediction = getattr(model.config, "sparse_prediction", None)
+
+
+def test_pretraining_asks_for_sparse_logits_and_saves_a_dense_config(corpus, tiny_config_file, tmp_path):
+    spy = _ConfigSpy()
+    summary = pretrain.main(_pretrain_argv(corpus, tiny_config_file, tmp_path / "run", tmp_path / "cache",
+                                           "--valid_files", str(corpus / "valid.txt.xz"), "--max_steps", "2",
+                                           "--max_valid_sequences", "16"), callbacks=[spy])
+    assert spy.sparse_prediction is True
+    assert summary["final_valid_mlm_accuracy"] is not None
+    assert json.loads((tmp_path / "run" / "config.json").read_text()).get("sparse_prediction") is False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad text and GLUE files name the file and line
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.txt.xz", "latin1.txt.gz"])
+def test_non_utf8_text_names_file_offset_and_line(tokenizer, tmp_path, name):
+    import gzip
+
+    raw = "first line\nsecond line\n".encode() + "caf\xe9 au lait\n".encode("latin-1")
+    path = tmp_path / name
+    opener = lzma.open if name.endswith(".xz") else gzip.open if name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(ValueError, match=rf"{name}' is not UTF-8 text: byte 0xe9 at .*offset 26 \(line 3\)"):
+        mlm_data.tokenize_to_cache(mlm_data.TextFiles([path]), tokenizer, tmp_path / "cache", log=lambda *a: None)
+
+
+def test_damaged_archive_names_the_file(tokenizer, tmp_path):
+    (tmp_path / "cut.txt.xz").write_bytes(lzma.compress(b"some text\n" * 100)[:40])
+    with pytest.raises(ValueError, match="cut.txt.xz' is not a readable .xz archive"):
+        mlm_data.read_text(tmp_path / "cut.txt.xz")
+
+
+GLUE_BAD_FILES = [
+    ("stsb", ("sentence1", "sentence2", "label"), [("a", "b", "1.5"), ("c", "d", "nan")],
+     r"stsb/train.tsv:3: label 'nan' is not a finite number"),
+    ("stsb", ("sentence1", "sentence2", "label"), [("a", "b", "-inf")],
+     r"stsb/train.tsv:2: label '-inf' is not a finite number"),
+    ("sst2", ("sentence", "label"), [("fine", "1"), ("odd", "inf")], r"sst2/train.tsv:3: label 'inf' is not a finite"),
+    ("sst2", ("sentence", "label"), [("fine", "1"), ("odd", "NaN")], r"sst2/train.tsv:3: label 'NaN' is not a finite"),
+    ("sst2", ("sentence", "label"), [("fine", "positive")], r"sst2/train.tsv:2: label 'positive' is not a number"),
+    ("sst2", ("sentence", "label"), [("fine", "1"), ("ok", "0.5")], r"sst2/train.tsv:3: label '0.5' is not a class"),
+    ("sst2", ("sentence", "label"), [("fine", "1"), ("a\ttab", "0")], r"sst2/train.tsv:3: 3 field\(s\), but the"),
+    ("sst2", ("sentence", "label"), [("fine",), ("ok", "0")], r"sst2/train.tsv:2: 1 field\(s\), but the header has 2"),
+    ("mrpc", ("sentence1", "label"), [("a", "1")], r"mrpc/train.tsv:1: the header lacks column\(s\) \['sentence2'\]"),
+]
+
+
+@pytest.mark.parametrize("task, header, rows, message", GLUE_BAD_FILES)
+def test_bad_glue_rows_name_file_and_line(tmp_path, task, header, rows, message):
+    _write_tsv(tmp_path / task / "train.tsv", header, rows)
+    with pytest.raises(ValueError, match=message):
+        finetune_glue.load_task_data(finetune_glue.TASKS[task], str(tmp_path), None, None, 0)
+
+
+def test_glue_nan_label_fails_before_training(tiny_checkpoint, glue_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(glue_dir / "stsb", data / "stsb")
+    lines = (data / "stsb" / "validation.tsv").read_text().splitlines()
+    lines[5] = lines[5].rsplit("\t", 1)[0] + "\tnan"
+    (data / "stsb" / "validation.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"stsb/validation.tsv:6: label 'nan' is not a finite number"):
+        finetune_glue.main(["--model", str(tiny_checkpoint), "--tasks", "stsb", "--data-dir", str(data),
+                            "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command lines: dashed names, underscore aliases, exit status
+# ----------------------------------------------------------------------------------------------------------------
+def test_dashed_options_and_hidden_underscore_aliases(corpus):
+    dashed = pretrain.parse_args(["--train-files", str(corpus / "train"), "--output-dir", "x", "--max-seq-len", "64",
+                                  "--init-checkpoint", str(REPO)])
+    old = pretrain.parse_args(["--train_files", str(corpus / "train"), "--output_dir", "x", "--max_seq_len", "64",
+                               "--init_checkpoint", str(REPO)])
+    assert vars(dashed) == vars(old)
+    for parser in (pretrain.build_parser(), finetune_glue.build_parser()):
+        text = parser.format_help()
+        assert "--output-dir" in text and "--output_dir" not in text
+        assert not [s for a in parser._actions for s in a.option_strings if "_" in s and s.replace("_", "-") not in
+                    a.option_strings], "every underscore spelling is an alias of a dashed one"
+    glue = finetune_glue.build_parser().parse_args(["--model", "m", "--output_dir", "o", "--data_dir", "d"])
+    assert (glue.output_dir, glue.data_dir) == ("o", "d")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train/pretrain.py", ["--train-files", "missing.txt", "--output-dir", "out"],
+     "pretrain.py: error: Text file or folder not found: 'missing.txt'"),
+    ("train/finetune_glue.py", ["--model", str(REPO), "--tasks", "sst3", "--output-dir", "out"],
+     "finetune_glue.py: error: Unknown GLUE task(s) ['sst3']"),
+])
+def test_bad_input_exits_2_with_a_one_line_error(tmp_path, script, argv, message):
+    proc = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The documented sample run works as written
+# ----------------------------------------------------------------------------------------------------------------
+def _documented_sample_commands() -> list[list[str]]:
+    """`python train/pretrain.py ... train/sample_text.txt ...` commands in the bash blocks of docs/training.md and
+    README.md, as argument lists."""
+    import re
+    import shlex
+
+    commands = []
+    for doc in ("docs/training.md", "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), flags=re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                if "train/pretrain.py" in command and "train/sample_text.txt" in command:
+                    words = shlex.split(command, comments=True)
+                    assert words[:2] == ["python", "train/pretrain.py"], command
+                    commands.append(words[2:])
+    return commands
+
+
+def test_documented_sample_pretraining_commands_run(tmp_path, monkeypatch):
+    commands = _documented_sample_commands()
+    assert len(commands) >= 2 and any("--init-checkpoint" in c for c in commands)
+    monkeypatch.chdir(REPO)  # the commands are written for the repository root (`--init-checkpoint .`)
+    for i, argv in enumerate(commands):
+        out = tmp_path / f"run-{i}"
+        summary = pretrain.main([*argv, "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+                                 "--disable-tqdm"])
+        assert summary["steps"] == 20 and math.isfinite(summary["train_loss"])
+        assert (out / "model.safetensors").is_file()

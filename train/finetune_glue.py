@@ -1,34 +1,38 @@
 #!/usr/bin/env python
 """Fine-tune a MosaicBERT checkpoint on GLUE tasks with the Hugging Face Trainer and report dev-set metrics.
 
-    python train/finetune_glue.py --model runs/mini --tasks sst2,mrpc,stsb --data_dir .data/glue \
-        --output_dir runs/mini-glue --bf16
+    python train/finetune_glue.py --model runs/mini --tasks sst2,mrpc,stsb --data-dir "$DATA/glue" \
+        --output-dir runs/mini-glue --bf16
 
-Data: local TSVs laid out as `<data_dir>/<task>/{train,validation}.tsv` (MNLI: `validation_matched.tsv` and
+Data: local TSVs laid out as `<data-dir>/<task>/{train,validation}.tsv` (MNLI: `validation_matched.tsv` and
 `validation_mismatched.tsv`), tab-separated with a header, no quoting, columns as the Hugging Face `glue` dataset
-(e.g. `sentence,label`; `sentence1,sentence2,label`); without `--data_dir` the `nyu-mll/glue` dataset is loaded
-through `datasets` (needs network or a filled datasets cache).
+(e.g. `sentence,label`; `sentence1,sentence2,label`); without `--data-dir` the `nyu-mll/glue` dataset is loaded
+through `datasets` (needs network or a filled datasets cache). Every file of every task is read and checked
+before any training: a missing column, a row with the wrong number of fields, a label that is not a number, not
+finite (`nan`, `inf`) or not a class id fails, naming the file and line.
 
 Per-task defaults (learning rate, epochs, batch size) are the MosaicBERT GLUE settings; max length 256 with dynamic
 padding (the model removes padding itself), 6% linear warmup then linear decay, weight decay = lr/10 in the
 decoupled convention (RTE: 1e-5), i.e. torch AdamW weight_decay = 0.1 (RTE: 1e-5 / lr). Metrics: accuracy;
 accuracy and F1 for MRPC and QQP; Matthews correlation for CoLA; Pearson and Spearman for STS-B (regression with
-one output). Writes `<output_dir>/glue_results.json` and `<output_dir>/glue_results.md`.
+one output). Writes `<output-dir>/glue_results.json` and `<output-dir>/glue_results.md`.
+Option names are dashed; the older underscore spellings (`--data_dir`) still work.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from script_cli import HelpFormatter, exit_on_input_error, flag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +74,7 @@ TASKS = {
                  decoupled_weight_decay=1e-5),
     ]
 }
-# The original recipe starts these from the MNLI-finetuned checkpoint (`--from_mnli`).
+# The original recipe starts these from the MNLI-finetuned checkpoint (`--from-mnli`).
 FROM_MNLI_TASKS = ("rte", "mrpc", "stsb")
 
 
@@ -87,24 +91,49 @@ def parse_tasks(spec: str) -> list[GlueTask]:
     return [TASKS[n] for n in dict.fromkeys(names)]
 
 
-def read_tsv(path: Path, task: GlueTask) -> dict[str, list]:
-    """Read one split: {column: values} for the text columns and `label`. Errors name the file and the problem."""
-    import pandas as pd
+@dataclass
+class SplitColumns:
+    """One split as read: {column: values} for the text columns and `label`, and where each row came from."""
 
+    columns: dict[str, list]
+    rows: list[str]  # per row, e.g. "data/sst2/train.tsv:17" (file and line) or "nyu-mll/glue sst2/train row 3"
+
+
+def read_tsv(path: Path, task: GlueTask) -> SplitColumns:
+    """Read one split (tab-separated, a header row, no quoting). Errors name the file and line: a missing column,
+    a row with the wrong number of fields, a file that is not UTF-8."""
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE file not found: {str(path)!r} (expected <data_dir>/{task.name}/<split>.tsv).")
-    frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False, dtype=str,
-                        encoding="utf-8")
+        raise FileNotFoundError(f"GLUE file not found: {str(path)!r} (expected <data-dir>/{task.name}/<split>.tsv).")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        bad = f"byte 0x{data[err.start]:02x} at offset {err.start}"
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({bad}).") from None
     needed = [*task.text_columns, "label"]
-    missing = [c for c in needed if c not in frame.columns]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: the file is empty (no header row).")
+    missing = [c for c in needed if c not in header]
     if missing:
-        raise ValueError(f"{str(path)!r} lacks column(s) {missing} for {task.name}; it has {list(frame.columns)}.")
-    if len(frame) == 0:
-        raise ValueError(f"{str(path)!r} has no data rows.")
-    return {c: frame[c].tolist() for c in needed}
+        raise ValueError(f"{path}:1: the header lacks column(s) {missing} for {task.name}; it has {header}.")
+    index = [header.index(c) for c in needed]
+    columns, rows = {c: [] for c in needed}, []
+    for fields in reader:
+        if len(fields) != len(header):
+            raise ValueError(f"{path}:{reader.line_num}: {len(fields)} field(s), but the header has {len(header)} "
+                             f"({', '.join(header)}).")
+        for c, i in zip(needed, index):
+            columns[c].append(fields[i])
+        rows.append(f"{path}:{reader.line_num}")
+    if not rows:
+        raise ValueError(f"{path}: no data rows.")
+    return SplitColumns(columns, rows)
 
 
-def load_hub_split(task: GlueTask, split: str) -> dict[str, list]:
+def load_hub_split(task: GlueTask, split: str) -> SplitColumns:
     import datasets
 
     try:
@@ -112,22 +141,26 @@ def load_hub_split(task: GlueTask, split: str) -> dict[str, list]:
     except Exception as err:  # offline, or no cached copy: say what to do instead
         raise FileNotFoundError(
             f"Could not load GLUE {task.name}/{split} from the datasets hub ({type(err).__name__}: {err}). "
-            "Pass --data_dir with local TSVs."
+            "Pass --data-dir with local TSVs."
         ) from err
-    return {c: list(ds[c]) for c in [*task.text_columns, "label"]}
+    columns = {c: list(ds[c]) for c in [*task.text_columns, "label"]}
+    return SplitColumns(columns, [f"nyu-mll/glue {task.name}/{split} row {i}" for i in range(len(ds))])
 
 
-def convert_labels(values: list, task: GlueTask, where: str) -> np.ndarray:
-    try:
-        labels = np.array([float(v) for v in values], dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{where}: non-numeric label ({err}).") from None
-    if task.is_regression:
-        return labels.astype(np.float32)
-    if not np.all(labels == np.round(labels)) or labels.min() < 0 or labels.max() >= task.num_labels:
-        bad = next(v for v in labels if v != round(v) or not 0 <= v < task.num_labels)
-        raise ValueError(f"{where}: label {bad} is not a class id in [0, {task.num_labels}).")
-    return labels.astype(np.int64)
+def convert_labels(values: list, task: GlueTask, rows: list[str]) -> np.ndarray:
+    """Labels as float32 scores (regression) or int64 class ids. A label that is not a number, not finite
+    (`nan`, `inf`: a regression would train to NaN) or not a class id raises ValueError naming its row."""
+    labels = np.empty(len(values), dtype=np.float64)
+    for i, (value, row) in enumerate(zip(values, rows)):
+        try:
+            labels[i] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{row}: label {value!r} is not a number.") from None
+        if not math.isfinite(labels[i]):
+            raise ValueError(f"{row}: label {value!r} is not a finite number.")
+        if not task.is_regression and not (labels[i] == int(labels[i]) and 0 <= labels[i] < task.num_labels):
+            raise ValueError(f"{row}: label {value!r} is not a class id in [0, {task.num_labels}) for {task.name}.")
+    return labels.astype(np.float32 if task.is_regression else np.int64)
 
 
 def load_task_data(task: GlueTask, data_dir: str | None, max_train: int | None, max_eval: int | None,
@@ -136,12 +169,11 @@ def load_task_data(task: GlueTask, data_dir: str | None, max_train: int | None, 
     out = {}
     for split in ("train", *task.eval_splits):
         if data_dir:
-            path = Path(data_dir) / task.name / f"{split}.tsv"
-            columns, where = read_tsv(path, task), str(path)
+            read = read_tsv(Path(data_dir) / task.name / f"{split}.tsv", task)
         else:
-            columns, where = load_hub_split(task, split), f"nyu-mll/glue {task.name}/{split}"
-        labels = convert_labels(columns["label"], task, where)
-        texts = tuple(list(columns[c]) for c in task.text_columns)
+            read = load_hub_split(task, split)
+        labels = convert_labels(read.columns["label"], task, read.rows)
+        texts = tuple(list(read.columns[c]) for c in task.text_columns)
         limit = max_train if split == "train" else max_eval
         if limit is not None and limit < len(labels):
             # A random subset, so a quick run still sees every class.
@@ -252,30 +284,32 @@ def load_classifier(path: str, task: GlueTask, attention_backend: str | None, re
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="MosaicBERT checkpoint folder (or Hub id) to fine-tune.")
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb",
                    help=f"Comma-separated tasks among {', '.join(TASKS)}.")
-    p.add_argument("--data_dir", help="Folder of <task>/<split>.tsv files; without it the datasets hub is used.")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--max_seq_length", type=int, default=256)
-    p.add_argument("--max_train_samples", type=int, default=None, help="Random subset of the training data.")
-    p.add_argument("--max_eval_samples", type=int, default=None, help="Random subset of each validation split.")
-    p.add_argument("--learning_rate", type=float, default=None, help="Override every task's learning rate.")
-    p.add_argument("--num_train_epochs", type=float, default=None, help="Override every task's epochs.")
-    p.add_argument("--per_device_train_batch_size", type=int, default=None, help="Override every task's batch.")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=128)
-    p.add_argument("--warmup_ratio", type=float, default=0.06)
-    p.add_argument("--from_mnli", nargs="?", const=True, default=None,
+    p.add_argument(*flag("--data-dir"),
+                   help="Folder of <task>/<split>.tsv files; without it the datasets hub is used.")
+    p.add_argument(*flag("--output-dir"), required=True)
+    p.add_argument(*flag("--max-seq-length"), type=int, default=256)
+    p.add_argument(*flag("--max-train-samples"), type=int, default=None, help="Random subset of the training data.")
+    p.add_argument(*flag("--max-eval-samples"), type=int, default=None, help="Random subset of each validation split.")
+    p.add_argument(*flag("--learning-rate"), type=float, default=None, help="Override every task's learning rate.")
+    p.add_argument(*flag("--num-train-epochs"), type=float, default=None, help="Override every task's epochs.")
+    p.add_argument(*flag("--per-device-train-batch-size"), type=int, default=None, help="Override every task's batch.")
+    p.add_argument(*flag("--per-device-eval-batch-size"), type=int, default=128)
+    p.add_argument(*flag("--warmup-ratio"), type=float, default=0.06)
+    p.add_argument(*flag("--from-mnli"), nargs="?", const=True, default=None,
                    help="Start RTE, MRPC and STS-B from an MNLI-finetuned checkpoint, as the original recipe: the "
                         "MNLI model of this run (mnli in --tasks) or the given folder.")
-    p.add_argument("--attention_backend", choices=["auto", "torch", "triton"], default=None)
+    p.add_argument(*flag("--attention-backend"), choices=["auto", "torch", "triton"], default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--logging_steps", type=int, default=100)
-    p.add_argument("--save_models", action="store_true", help="Keep each fine-tuned model in <output_dir>/<task>.")
-    p.add_argument("--disable_tqdm", action="store_true")
+    p.add_argument(*flag("--dataloader-num-workers"), type=int, default=0)
+    p.add_argument(*flag("--logging-steps"), type=int, default=100)
+    p.add_argument(*flag("--save-models"), action="store_true",
+                   help="Keep each fine-tuned model in <output-dir>/<task>/model.")
+    p.add_argument(*flag("--disable-tqdm"), action="store_true")
     return p
 
 
@@ -299,110 +333,139 @@ def _format_results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+@dataclass
+class GlueRun:
+    """Everything checked and loaded before the first task trains."""
+
+    args: argparse.Namespace
+    tasks: list[GlueTask]
+    data: dict[str, dict]
+    tokenizer: object
+    output_dir: Path
+
+
+def prepare(argv=None) -> GlueRun:
+    """Parse and check the arguments, the checkpoint(s) and all data of all tasks. Bad input raises here
+    (ValueError / FileNotFoundError naming the file and line), before any training."""
+    from transformers import AutoTokenizer
+
     args = build_parser().parse_args(argv)
     tasks = parse_tasks(args.tasks)
     if args.from_mnli is True and "mnli" not in [t.name for t in tasks]:
-        raise ValueError("--from_mnli without a folder needs mnli in --tasks.")
+        raise ValueError("--from-mnli without a folder needs mnli in --tasks.")
     if isinstance(args.from_mnli, str):
         check_checkpoint(args.from_mnli)
     if args.max_seq_length < 8:
-        raise ValueError(f"--max_seq_length ({args.max_seq_length}) is too small.")
+        raise ValueError(f"--max-seq-length ({args.max_seq_length}) is too small.")
     if args.from_mnli:  # MNLI first so the others can start from it
         tasks.sort(key=lambda t: t.name != "mnli")
-
-    # Every check before any training: the checkpoint, then all data of all tasks.
     check_checkpoint(args.model)
     data = {t.name: load_task_data(t, args.data_dir, args.max_train_samples, args.max_eval_samples, args.seed)
             for t in tasks}
-
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
-
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    collator = DataCollatorWithPadding(tokenizer)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    return GlueRun(args, tasks, data, tokenizer, Path(args.output_dir))
+
+
+def finetune_task(run: GlueRun, task: GlueTask, source: str) -> tuple[dict, object]:
+    """Fine-tune `source` on one task and score its dev split(s); returns (result record, trainer)."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    args, splits, tokenizer = run.args, run.data[task.name], run.tokenizer
+    lr = args.learning_rate or task.learning_rate
+    epochs = args.num_train_epochs or task.epochs
+    batch = args.per_device_train_batch_size or task.batch_size
+    model = load_classifier(source, task, args.attention_backend, replace_head=source != args.model)
+    train_ds = EncodedSplit(tokenizer, splits["train"]["texts"], splits["train"]["labels"], args.max_seq_length)
+    training_args = TrainingArguments(
+        output_dir=str(run.output_dir / task.name),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        **_warmup_kwargs(args.warmup_ratio),
+        lr_scheduler_type="linear",
+        weight_decay=task.weight_decay(lr) / lr,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        bf16=args.bf16,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=args.dataloader_num_workers,
+        disable_tqdm=args.disable_tqdm or None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    start = time.time()
+    train_out = trainer.train()
+    split_metrics = {}
+    for split in task.eval_splits:
+        eval_ds = EncodedSplit(tokenizer, splits[split]["texts"], splits[split]["labels"], args.max_seq_length)
+        pred = trainer.predict(eval_ds)
+        split_metrics[split] = glue_metrics(task, pred.predictions, pred.label_ids)
+    primary = split_metrics[task.eval_splits[0]]
+    record = {
+        "display": task.display,
+        "metrics": primary,
+        "score": float(np.mean(list(primary.values()))),
+        "splits": split_metrics,
+        "train_examples": len(train_ds),
+        "eval_examples": {s: int(len(splits[s]["labels"])) for s in task.eval_splits},
+        "learning_rate": lr,
+        "epochs": epochs,
+        "batch_size": batch,
+        "torch_weight_decay": training_args.weight_decay,
+        "steps": trainer.state.max_steps,
+        "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps),
+        "train_loss": train_out.metrics.get("train_loss"),
+        "seconds": round(time.time() - start, 1),
+        "initialized_from": source,
+    }
+    return record, trainer
+
+
+def run_tasks(run: GlueRun) -> dict:
+    """Fine-tune every task in order (RTE, MRPC and STS-B from the MNLI model with --from-mnli) and write
+    glue_results.json / glue_results.md; returns the results."""
+    args = run.args
+    run.output_dir.mkdir(parents=True, exist_ok=True)
     mnli_model = args.from_mnli if isinstance(args.from_mnli, str) else None
     results = {"model": args.model, "seed": args.seed, "max_seq_length": args.max_seq_length, "tasks": {}}
-
-    for task in tasks:
-        lr = args.learning_rate or task.learning_rate
-        epochs = args.num_train_epochs or task.epochs
-        batch = args.per_device_train_batch_size or task.batch_size
+    is_main = True
+    for task in run.tasks:
         source = mnli_model if (args.from_mnli and task.name in FROM_MNLI_TASKS and mnli_model) else args.model
-        model = load_classifier(source, task, args.attention_backend, replace_head=source != args.model)
-        splits = data[task.name]
-        train_ds = EncodedSplit(tokenizer, splits["train"]["texts"], splits["train"]["labels"], args.max_seq_length)
-        task_dir = output_dir / task.name
-        training_args = TrainingArguments(
-            output_dir=str(task_dir),
-            learning_rate=lr,
-            num_train_epochs=epochs,
-            per_device_train_batch_size=batch,
-            per_device_eval_batch_size=args.per_device_eval_batch_size,
-            **_warmup_kwargs(args.warmup_ratio),
-            lr_scheduler_type="linear",
-            weight_decay=task.weight_decay(lr) / lr,
-            adam_beta1=0.9,
-            adam_beta2=0.98,
-            adam_epsilon=1e-6,
-            bf16=args.bf16,
-            eval_strategy="no",
-            save_strategy="no",
-            logging_steps=args.logging_steps,
-            seed=args.seed,
-            report_to="none",
-            remove_unused_columns=False,
-            dataloader_num_workers=args.dataloader_num_workers,
-            disable_tqdm=args.disable_tqdm or None,
-            use_cpu=not torch.cuda.is_available(),
-        )
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, data_collator=collator,
-                          processing_class=tokenizer)
-        start = time.time()
-        train_out = trainer.train()
-        split_metrics = {}
-        for split in task.eval_splits:
-            eval_ds = EncodedSplit(tokenizer, splits[split]["texts"], splits[split]["labels"], args.max_seq_length)
-            pred = trainer.predict(eval_ds)
-            split_metrics[split] = glue_metrics(task, pred.predictions, pred.label_ids)
-        primary = split_metrics[task.eval_splits[0]]
-        record = {
-            "display": task.display,
-            "metrics": primary,
-            "score": float(np.mean(list(primary.values()))),
-            "splits": split_metrics,
-            "train_examples": len(train_ds),
-            "eval_examples": {s: int(len(splits[s]["labels"])) for s in task.eval_splits},
-            "learning_rate": lr,
-            "epochs": epochs,
-            "batch_size": batch,
-            "torch_weight_decay": training_args.weight_decay,
-            "steps": trainer.state.max_steps,
-            "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps),
-            "train_loss": train_out.metrics.get("train_loss"),
-            "seconds": round(time.time() - start, 1),
-            "initialized_from": source,
-        }
+        record, trainer = finetune_task(run, task, source)
         results["tasks"][task.name] = record
-        if training_args.process_index == 0:
-            print(f"{task.display}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in primary.items()), flush=True)
+        is_main = trainer.args.process_index == 0
+        if is_main:
+            print(f"{task.display}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in record["metrics"].items()),
+                  flush=True)
         if args.save_models or (args.from_mnli is True and task.name == "mnli"):
-            trainer.save_model(str(task_dir / "model"))
+            trainer.save_model(str(run.output_dir / task.name / "model"))
             if task.name == "mnli":
-                mnli_model = str(task_dir / "model")
-        del trainer, model
+                mnli_model = str(run.output_dir / task.name / "model")
+        del trainer
 
     scores = [r["score"] for r in results["tasks"].values()]
     results["average_score"] = float(np.mean(scores)) if scores else math.nan
     table = _format_results_table(results)
-    if training_args.process_index == 0:
-        (output_dir / "glue_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (output_dir / "glue_results.md").write_text(table)
+    if is_main:
+        (run.output_dir / "glue_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (run.output_dir / "glue_results.md").write_text(table)
         print(table)
     return results
 
 
+def main(argv=None) -> dict:
+    """Fine-tune as the command line says; returns the results. Bad input raises before any training."""
+    return run_tasks(prepare(argv))
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    # Bad input: a one-line error and status 2; a failure during training: its traceback and status 1.
+    run_tasks(exit_on_input_error(prepare))

@@ -70,15 +70,15 @@ if [[ ",$STAGES," == *",pretrain,"* ]]; then
         start=$(date +%s)
         "$PYTHON" "$REPO/train/pretrain.py" \
             --config "$CONFIG" \
-            --train_files "$DATA_DIR/train-*.txt.xz" \
-            --valid_files "$DATA_DIR/valid.txt.xz" \
-            --cache_dir "$CACHE_DIR" --num_proc "$NUM_PROC" \
-            --max_seq_len 128 --mlm_probability 0.3 --eval_mlm_probability 0.15 \
-            --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size 256 \
-            --learning_rate "$LR" --max_minutes "$MINUTES" \
-            --bf16 --attention_backend auto --dataloader_num_workers "$WORKERS" \
-            --logging_steps 100 --save_steps 2000 --save_total_limit 1 --disable_tqdm \
-            --output_dir "$MODEL_DIR" "${resume[@]}" 2>&1 | tee -a "$OUT_DIR/pretrain.log"
+            --train-files "$DATA_DIR/train-*.txt.xz" \
+            --valid-files "$DATA_DIR/valid.txt.xz" \
+            --cache-dir "$CACHE_DIR" --num-proc "$NUM_PROC" \
+            --max-seq-len 128 --mlm-probability 0.3 --eval-mlm-probability 0.15 \
+            --per-device-train-batch-size "$BATCH" --per-device-eval-batch-size 256 \
+            --learning-rate "$LR" --max-minutes "$MINUTES" \
+            --bf16 --attention-backend auto --dataloader-num-workers "$WORKERS" \
+            --logging-steps 100 --save-steps 2000 --save-total-limit 1 --disable-tqdm \
+            --output-dir "$MODEL_DIR" "${resume[@]}" 2>&1 | tee -a "$OUT_DIR/pretrain.log"
         echo "pretraining stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/pretrain.log"
     fi
 fi
@@ -86,8 +86,8 @@ fi
 if [[ ",$STAGES," == *",glue,"* ]]; then
     start=$(date +%s)
     "$PYTHON" "$REPO/train/finetune_glue.py" \
-        --model "$MODEL_DIR" --tasks "$GLUE_TASKS" --data_dir "$GLUE_DIR" \
-        --output_dir "$OUT_DIR/glue" --bf16 --disable_tqdm --logging_steps 200 \
+        --model "$MODEL_DIR" --tasks "$GLUE_TASKS" --data-dir "$GLUE_DIR" \
+        --output-dir "$OUT_DIR/glue" --bf16 --disable-tqdm --logging-steps 200 \
         2>&1 | tee -a "$OUT_DIR/glue.log"
     echo "GLUE stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/glue.log"
 fi

@@ -4,9 +4,10 @@ Axis legend: `n` sequences in a batch, `t` total tokens of a batch (sum of their
 
 Pipeline
   1. `resolve_text_files` turns folders / globs / paths into a sorted list of `.txt`, `.txt.xz`, `.txt.gz` files.
-  2. `tokenize_to_cache` tokenizes every document once (fast tokenizer, batched, a process pool over chunks of
-     documents) into a flat uint16 token array plus document offsets, stored under a cache folder whose name is a
-     hash of the input bytes, the tokenizer and the document format. The cache does not depend on the sequence
+  2. `tokenize_to_cache` tokenizes every document of a source (`TextFiles` or a `DatasetColumn`) once (fast
+     tokenizer, batched, a process pool over chunks of documents) into a flat uint16 token array plus document
+     offsets, stored under a cache folder whose name is a hash of the input bytes (or the dataset fingerprint),
+     the tokenizer and the document format. The cache does not depend on the sequence
      length: cutting into sequences is index arithmetic done at load time.
   3. `TokenSequences` cuts the token stream into `[CLS] ... [SEP]` sequences of at most `max_seq_len` tokens.
   4. `FlatMLMCollator` concatenates a list of sequences into one row — input_ids (1, t), labels (1, t),
@@ -78,13 +79,24 @@ def resolve_text_files(specs: Sequence[str] | str) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    if path.name.endswith(".xz"):
-        with lzma.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    """The UTF-8 text of a .txt, .txt.xz or .txt.gz file. A file that is not valid UTF-8 (or a damaged archive)
+    raises ValueError naming the file, and for bad bytes their offset and line in the (decompressed) text."""
+    opener = lzma.open if path.name.endswith(".xz") else gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise ValueError(f"{str(path)!r} is not a readable {path.suffix} archive ({problem}).") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        where = "decompressed " if opener is not open else ""
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at {where}offset {err.start} "
+            f"(line {line}) cannot be decoded ({err.reason}). Re-encode the file as UTF-8."
+        ) from None
 
 
 def split_documents(text: str, document_format: str = "auto") -> list[list[str]]:
@@ -247,98 +259,104 @@ def _token_dtype(tokenizer) -> np.dtype:
     return np.dtype(np.uint16) if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def tokenize_files_to_cache(
-    files: Sequence[Path],
-    tokenizer,
-    cache_dir: str | os.PathLike,
-    document_format: str = "auto",
-    num_proc: int = 1,
-    log=print,
-) -> TokenizedCorpus:
-    """Tokenize text files once and cache the result; later calls with the same inputs load the cache."""
-    h = hashlib.sha256()
-    h.update(f"{CACHE_VERSION}|{tokenizer_fingerprint(tokenizer)}|{document_format}".encode())
-    for path in files:
-        h.update(f"|{path.name}|".encode())
-        _hash_file(path, h)
-    folder = Path(cache_dir) / h.hexdigest()[:24]
-    if (folder / "meta.json").exists():
-        log(f"Using cached tokens {folder}")
-        return _load_cache(folder)
+@dataclass
+class TextFiles:
+    """Documents from text files (see `split_documents` for `document_format`)."""
 
-    start = time.time()
-    if sum(p.stat().st_size for p in files) < SMALL_INPUT_BYTES:
-        num_proc = 1  # starting workers would cost more than it saves
+    files: Sequence[Path]
+    document_format: str = "auto"
 
-    def documents():
-        for path in files:
-            text = read_text(path)
-            docs = split_documents(text, document_format)
+    def cache_key(self) -> str:
+        h = hashlib.sha256(f"files|{self.document_format}".encode())
+        for path in self.files:
+            h.update(f"|{path.name}|".encode())
+            _hash_file(path, h)
+        return h.hexdigest()
+
+    def is_small(self) -> bool:
+        return sum(p.stat().st_size for p in self.files) < SMALL_INPUT_BYTES
+
+    def documents(self) -> Iterator[list[str]]:
+        for path in self.files:
+            docs = split_documents(read_text(path), self.document_format)
             if not docs:
                 raise ValueError(f"Text file {str(path)!r} is empty (no non-blank line).")
             yield from docs
 
-    tokens, lengths = _tokenize_documents(documents(), tokenizer, num_proc)
-    if len(tokens) == 0:
-        raise ValueError(f"No tokens in {', '.join(map(str, files))}.")
-    meta = {
-        "version": CACHE_VERSION,
-        "files": [str(p) for p in files],
-        "document_format": document_format,
-        "num_documents": int(len(lengths)),
-        "num_tokens": int(len(tokens)),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "seconds": round(time.time() - start, 2),
-    }
-    corpus = _write_cache(folder, tokens.astype(_token_dtype(tokenizer)), lengths, meta)
-    log(
-        f"Tokenized {len(files)} file(s): {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens "
-        f"in {meta['seconds']:.1f}s → {folder}"
-    )
-    return corpus
+    def describe(self) -> dict:
+        return {"files": [str(p) for p in self.files], "document_format": self.document_format}
+
+    def __str__(self) -> str:
+        return ", ".join(map(str, self.files))
 
 
-def tokenize_dataset_to_cache(
-    dataset, text_column: str, tokenizer, cache_dir: str | os.PathLike, num_proc: int = 1, log=print
-) -> TokenizedCorpus:
-    """Tokenize a `datasets.Dataset` column (one document per row) once and cache it."""
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"Column {text_column!r} is not in the dataset; its columns are {dataset.column_names}. "
-            "Pass the right one with --text_column."
-        )
-    if len(dataset) == 0:
-        raise ValueError("The dataset split is empty.")
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    h = hashlib.sha256()
-    h.update(f"{CACHE_VERSION}|{tokenizer_fingerprint(tokenizer)}|dataset|{fingerprint}|{text_column}".encode())
-    folder = Path(cache_dir) / h.hexdigest()[:24]
-    if fingerprint is not None and (folder / "meta.json").exists():
-        log(f"Using cached tokens {folder}")
-        return _load_cache(folder)
-    start = time.time()
-    if len(dataset) < 2000:
-        num_proc = 1  # starting workers would cost more than it saves
+@dataclass
+class DatasetColumn:
+    """Documents from a `datasets.Dataset` column, one per row (empty rows skipped)."""
 
-    def documents():
-        for start_row in range(0, len(dataset), 1000):
-            for text in dataset[start_row : start_row + 1000][text_column]:
+    dataset: object
+    text_column: str = "text"
+
+    def __post_init__(self):
+        if self.text_column not in self.dataset.column_names:
+            raise ValueError(
+                f"Column {self.text_column!r} is not in the dataset; its columns are {self.dataset.column_names}. "
+                "Pass the right one with --text-column."
+            )
+        if len(self.dataset) == 0:
+            raise ValueError("The dataset split is empty.")
+
+    def cache_key(self) -> str | None:
+        fingerprint = getattr(self.dataset, "_fingerprint", None)
+        if fingerprint is None:  # an in-memory dataset without a fingerprint: tokenize every time
+            return None
+        return hashlib.sha256(f"dataset|{fingerprint}|{self.text_column}".encode()).hexdigest()
+
+    def is_small(self) -> bool:
+        return len(self.dataset) < 2000
+
+    def documents(self) -> Iterator[list[str]]:
+        for start in range(0, len(self.dataset), 1000):
+            for text in self.dataset[start : start + 1000][self.text_column]:
                 if text and text.strip():
                     yield [line for line in text.split("\n") if line.strip()]
 
-    tokens, lengths = _tokenize_documents(documents(), tokenizer, num_proc)
+    def describe(self) -> dict:
+        return {"dataset_fingerprint": getattr(self.dataset, "_fingerprint", None), "text_column": self.text_column}
+
+    def __str__(self) -> str:
+        return f"column {self.text_column!r} of the dataset"
+
+
+def tokenize_to_cache(
+    source: TextFiles | DatasetColumn, tokenizer, cache_dir: str | os.PathLike, num_proc: int = 1, log=print
+) -> TokenizedCorpus:
+    """Tokenize the documents of `source` once and cache them; a later call with the same input bytes (or dataset
+    fingerprint), tokenizer and document format loads the cache instead."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    key = source.cache_key()
+    folder = Path(cache_dir) / hashlib.sha256(f"{CACHE_VERSION}|{fingerprint}|{key}".encode()).hexdigest()[:24]
+    if key is not None and (folder / "meta.json").exists():
+        log(f"Using cached tokens {folder}")
+        return _load_cache(folder)
+
+    start = time.time()
+    if source.is_small():
+        num_proc = 1  # starting workers would cost more than it saves
+    tokens, lengths = _tokenize_documents(source.documents(), tokenizer, num_proc)
     if len(tokens) == 0:
-        raise ValueError(f"Column {text_column!r} of the dataset holds no text.")
+        raise ValueError(f"No tokens in {source}.")
     meta = {
         "version": CACHE_VERSION,
-        "dataset_fingerprint": fingerprint,
-        "text_column": text_column,
+        **source.describe(),
         "num_documents": int(len(lengths)),
         "num_tokens": int(len(tokens)),
+        "tokenizer_sha256": fingerprint,
         "seconds": round(time.time() - start, 2),
     }
     corpus = _write_cache(folder, tokens.astype(_token_dtype(tokenizer)), lengths, meta)
-    log(f"Tokenized {meta['num_documents']:,} rows, {meta['num_tokens']:,} tokens in {meta['seconds']:.1f}s")
+    log(f"Tokenized {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {meta['seconds']:.1f}s "
+        f"→ {folder}")
     return corpus
 
 
