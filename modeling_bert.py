@@ -301,7 +301,9 @@ class ModelInputs:
 
 def _check_shape(name, tensor, shape):
     if tensor is not None and tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)} (the shape of the input).")
+        raise ValueError(
+            f"`{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)} (the shape of the input)."
+        )
 
 
 def _range_check(name, tensor, low, high, ignore=None):
@@ -391,7 +393,8 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
     values = [bounds for bounds, _ in checks]
     if attention_mask is not None:
         # entries other than 0/1 (an additive 0/-10000 mask, say), and the number of valid tokens
-        values.append(torch.stack([((attention_mask != 0) & (attention_mask != 1)).sum(), (attention_mask != 0).sum()]))
+        not_binary = (attention_mask != 0) & (attention_mask != 1)
+        values.append(torch.stack([not_binary.sum(), (attention_mask != 0).sum()]))
     if cu_seqlens is not None:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         values.append(torch.stack([lengths.min(), lengths.max()]).long())
@@ -587,7 +590,8 @@ def layer_norm(config):
 
 
 def classifier_dropout(config):
-    return nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+    p = config.classifier_dropout
+    return nn.Dropout(config.hidden_dropout_prob if p is None else p)
 
 
 class BertEmbeddings(nn.Module):
@@ -1269,8 +1273,8 @@ class BertForMultipleChoice(BertPreTrainedModel):
         state = self.bert.run(
             input_ids=flat(input_ids), attention_mask=flat(attention_mask), token_type_ids=flat(token_type_ids),
             position_ids=flat(position_ids), inputs_embeds=flat(inputs_embeds), output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, label_checks=_class_label_checks(self.config, labels, num_choices),
-            **kwargs,
+            output_hidden_states=output_hidden_states,
+            label_checks=_class_label_checks(self.config, labels, num_choices), **kwargs,
         )
         pooled = self.bert.pool(state)  # (b * c, hidden)
         if pooled.shape[0] != state.layout.batch_size:

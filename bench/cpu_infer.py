@@ -65,7 +65,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
-    ours = AutoModel.from_config(AutoConfig.from_pretrained(REPO, trust_remote_code=True, **base), trust_remote_code=True)
+    config = AutoConfig.from_pretrained(REPO, trust_remote_code=True, **base)
+    ours = AutoModel.from_config(config, trust_remote_code=True)
     hf = BertModel(BertConfig(vocab_size=30528, attn_implementation="sdpa"))
     hf.config._attn_implementation = "sdpa"
     ours.eval()

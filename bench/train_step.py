@@ -252,7 +252,8 @@ def main():
             print(f"{r['batch']:14} {r['model']:28} error: {r['error'][:60]}")
         else:
             mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else ""
-            print(f"{r['batch']:14} {r['model']:28} {r['tok_s']:11.0f} {r['step_ms']:8.1f} {r['mem_gib']:9.1f} {mfu:>6}")
+            row = f"{r['batch']:14} {r['model']:28} {r['tok_s']:11.0f} {r['step_ms']:8.1f} {r['mem_gib']:9.1f}"
+            print(f"{row} {mfu:>6}")
 
 
 if __name__ == "__main__":

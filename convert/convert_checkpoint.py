@@ -50,6 +50,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "train"))
 from script_cli import HelpFormatter, exit_on_input_error, flag  # noqa: E402
+
 FORMATS = ("auto", "hub", "composer", "hf_bert")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")

@@ -39,21 +39,30 @@ CACHE = REPO / ".cache" / "transformers-tests"
 PACKAGE = "hf_common_tests"
 FILES = ["tests/test_modeling_common.py", "tests/test_configuration_common.py"]
 
-GENERATION_STANDIN = '''"""Stand-in: the sdist lacks tests/generation/. Only inheritance is checked; encoders must not inherit it."""
+GENERATION_STANDIN = '''"""Stand-in: the sdist lacks tests/generation/.
+
+Only inheritance is checked; encoders must not inherit it.
+"""
 
 
 class GenerationTesterMixin:
     pass
 '''
 
-EXPORT_STANDIN = '''"""Stand-in: the sdist lacks tests/exporters/. Export is covered by tests/test_onnx.py of the package."""
+EXPORT_STANDIN = '''"""Stand-in: the sdist lacks tests/exporters/.
+
+Export is covered by tests/test_onnx.py of the package.
+"""
 
 
 class ExportTesterMixin:
     pass
 '''
 
-CONFIG_KWARGS_STANDIN = '''"""Stand-in: the sdist lacks tests/utils/. Non-default values of the base config's own arguments."""
+CONFIG_KWARGS_STANDIN = '''"""Stand-in: the sdist lacks tests/utils/.
+
+Non-default values of the base config's own arguments.
+"""
 
 from transformers import PretrainedConfig
 
@@ -162,7 +171,9 @@ def load():
     except FetchImpossible as error:  # anything else (e.g. the sdist lacks the files) fails the run
         if os.environ.get("CI"):
             raise
-        pytest.skip(f"transformers' common tests could not be downloaded (no network?): {error}", allow_module_level=True)
+        pytest.skip(
+            f"transformers' common tests could not be downloaded (no network?): {error}", allow_module_level=True
+        )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     with warnings.catch_warnings():

@@ -3,6 +3,7 @@ layout while compiling), and the compiled model gives the eager model's outputs 
 
 import pytest
 import torch
+
 from conftest import ragged_batch, tiny_model
 
 

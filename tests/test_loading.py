@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import transformers
+
 from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_config, tiny_model
 from reference import reference_encoder, reference_mlm_logits
 
@@ -222,7 +223,8 @@ def _trainer_loss_falls(auto_class, labels_fn, **config):
     def collate(rows):
         s = max(len(r["input_ids"]) for r in rows)
         ids = torch.tensor([r["input_ids"] + [0] * (s - len(r["input_ids"])) for r in rows])
-        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([r["labels"] for r in rows])}
+        labels = torch.tensor([r["labels"] for r in rows])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
 
     model = tiny_model(auto_class, **config)
     data = Toy()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import package_module, ragged_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import transformers
+
 from conftest import REPO, package_module, ragged_batch, tiny_config, tiny_model
 from reference import closed_form_slopes, reference_encoder, reference_mlm_logits
 

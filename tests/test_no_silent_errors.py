@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+
 from conftest import REPO, package_module, ragged_batch, tiny_config, tiny_model
 
 HEADS = ["AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import REPO, package_module, tiny_model
 
 pytest.importorskip("onnxruntime")

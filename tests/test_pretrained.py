@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import transformers
+
 from conftest import REPO
 
 PROBES = {

@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_model
 from transformers import AutoModel, AutoTokenizer
+
+from conftest import CODE_FILES, REPO, TOKENIZER_FILES, tiny_model
 
 pytest.importorskip("sentence_transformers")
 
@@ -17,7 +18,8 @@ TEXTS = ["The cat sat on the mat.", "A much longer second sentence, so that the 
 
 def test_shipped_files_describe_mean_pooling_over_the_encoder():
     modules = json.loads((REPO / "modules.json").read_text())
-    assert [(m["path"], m["type"].rsplit(".", 1)[-1]) for m in modules] == [("", "Transformer"), ("1_Pooling", "Pooling")]
+    kinds = [(m["path"], m["type"].rsplit(".", 1)[-1]) for m in modules]
+    assert kinds == [("", "Transformer"), ("1_Pooling", "Pooling")]
     pooling = json.loads((REPO / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] is True
     assert not any(v for k, v in pooling.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens")

@@ -594,7 +594,8 @@ def test_resume_without_a_complete_checkpoint_is_an_error(corpus, tiny_config_fi
     for step in (2, 4):
         (out / f"checkpoint-{step}" / "trainer_state.json").unlink()
     argv = _pretrain_argv(corpus, tiny_config_file, out, tmp_path / "cache", "--max_steps", "6", "--resume")
-    with pytest.raises(ValueError, match="no complete checkpoint.*checkpoint-4: no trainer_state.json.*; checkpoint-2: no"):
+    message = "no complete checkpoint.*checkpoint-4: no trainer_state.json.*; checkpoint-2: no"
+    with pytest.raises(ValueError, match=message):
         pretrain.main(argv)
     with pytest.raises(ValueError, match="checkpoint-4'? is not a complete checkpoint: no trainer_state.json"):
         pretrain.main(argv[:-1] + ["--resume", str(out / "checkpoint-4")])

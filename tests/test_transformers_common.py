@@ -10,11 +10,12 @@ import contextlib
 import unittest
 from pathlib import Path
 
-import hf_tests
 import transformers
-from conftest import REPO
 from transformers import AutoConfig
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+import hf_tests
+from conftest import REPO
 
 test_modeling_common, test_configuration_common = hf_tests.load()
 ModelTesterMixin = test_modeling_common.ModelTesterMixin
@@ -165,7 +166,8 @@ class MosaicBertModelTest(ModelTesterMixin, unittest.TestCase):
         self.config_tester.run_common_tests()
 
     def _check_common_properties(self):
-        for name, value in {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "vocab_size": 77}.items():
+        sizes = {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "vocab_size": 77}
+        for name, value in sizes.items():
             config = CONFIG_CLASS()
             setattr(config, name, value)
             self.assertEqual(getattr(config, name), value)

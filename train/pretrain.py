@@ -44,8 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback
-
 from mlm_data import (
     DatasetColumn,
     FixedMaskDataset,
@@ -56,6 +54,7 @@ from mlm_data import (
     tokenize_to_cache,
 )
 from script_cli import HelpFormatter, exit_on_input_error, flag
+from transformers import Trainer, TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
