@@ -642,14 +642,12 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
     q: (t_q, h, d), k/v: (t_k, h, d), fp16/bf16/fp32, last dim contiguous (other strides free, so views of a
     packed qkv work); cu_seqlens_q/k: (b + 1,) int32; alibi_slopes: None, (h,) or (b, h) fp32.
-    max_seqlen_q/k must be at least the longest query/key sequence (they size the grids; checked without a
-    host sync, see `_assert_max_seqlen`).
+    max_seqlen_q/k must be at least the longest query/key sequence (they size the grids; the ops check that
+    with `_assert_max_seqlen` before launching).
     Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp).
     """
     heads, head_dim = q.shape[1], q.shape[2]
     batch = cu_seqlens_q.numel() - 1
-    _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
-    _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
     if q.shape[0] == 0 or max_seqlen_q == 0:
@@ -728,6 +726,8 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
 # --------------------------------------------------------------------------------------------------------
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 alibi_slopes):
+    _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
+    _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     return _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal, alibi_slopes)
 
@@ -768,6 +768,7 @@ def _varlen_backward(ctx, dout, dlse):
 
 
 def _qkvpacked_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
+    _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
     q, k, v = qkv.unbind(1)  # strided views into qkv (t, 3, h, d), never copies
     return _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
                                alibi_slopes)
@@ -896,6 +897,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
     softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
+    _check_max_seqlen_arg("max_seqlen", max_seqlen)
     q, k, v = qkv.unbind(1)
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, alibi_slopes)
     out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
