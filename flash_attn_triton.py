@@ -28,7 +28,9 @@ try:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
+    # The kernels reach autograd and torch.compile as torch.library custom ops (torch >= 2.4, the package's
+    # floor); on older torch the model takes its PyTorch attention path, as without Triton.
+    HAS_TRITON = hasattr(torch.library, "custom_op")
 except ImportError:  # the model falls back to its PyTorch attention path
     triton = None
     tl = None
@@ -471,7 +473,8 @@ if HAS_TRITON:
 def _require_triton():
     if not HAS_TRITON:
         raise ImportError(
-            "flash_attn_triton needs the `triton` package (pip install triton); it is not installed. "
+            "flash_attn_triton needs the `triton` package (pip install triton) and torch >= 2.4; "
+            f"{'triton is not installed' if triton is None else f'this is torch {torch.__version__}'}. "
             "Use the model's PyTorch attention path instead."
         )
 

@@ -447,6 +447,18 @@ def test_import_without_triton_is_clean():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_import_on_torch_without_custom_op_is_clean():
+    # torch < 2.4 has no torch.library.custom_op: the module imports and reports the kernel as unavailable.
+    code = (
+        "import torch; del torch.library.custom_op\n"
+        f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n"
+        "import flash_attn_triton as fa\n"
+        "assert fa.HAS_TRITON is False\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: realistic lengths, head dims, dtypes; oracle vs plain PyTorch attention in the same dtype
 # ------------------------------------------------------------------------------------------------------------
