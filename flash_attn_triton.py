@@ -20,6 +20,7 @@ is set before Triton is first imported (slow; meant for tests).
 
 import contextlib
 import math
+import operator
 import os
 
 import torch
@@ -541,15 +542,19 @@ def _check_cu_seqlens(name, cu_seqlens, device):
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check_max_seqlen_arg(name, max_seqlen):
-    # An int, or a SymInt under torch.compile (e.g. the padded width of the batch); never a tensor.
-    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, (int, torch.SymInt)):
-        raise TypeError(
-            f"{name} must be a Python int, got {type(max_seqlen).__name__} (a tensor would have to be read back "
-            "from the device on every call)"
-        )
+def _max_seqlen_arg(name, max_seqlen):
+    """max_seqlen as an int, or as the SymInt it is under torch.compile (e.g. the padded width of the batch);
+    never a tensor, which would have to be read back from the device on every call."""
+    if not isinstance(max_seqlen, (int, torch.SymInt)):
+        if isinstance(max_seqlen, torch.Tensor) or not hasattr(type(max_seqlen), "__index__"):
+            raise TypeError(
+                f"{name} must be a Python int, got {type(max_seqlen).__name__} (a tensor would have to be read "
+                "back from the device on every call)"
+            )
+        max_seqlen = operator.index(max_seqlen)  # numpy integers too
     if max_seqlen < 0:
         raise ValueError(f"{name} must be >= 0, got {max_seqlen}")
+    return max_seqlen
 
 
 def _check_slopes(alibi_slopes, batch, heads, device):
@@ -566,7 +571,7 @@ def _check_slopes(alibi_slopes, batch, heads, device):
         )
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
     heads, _ = _check_qkv(q, k, v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
@@ -575,8 +580,6 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             f"cu_seqlens_q and cu_seqlens_k describe different batch sizes "
             f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})"
         )
-    _check_max_seqlen_arg("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen_arg("max_seqlen_k", max_seqlen_k)
     if alibi_slopes is not None:
         _check_slopes(alibi_slopes, cu_seqlens_q.numel() - 1, heads, q.device)
 
@@ -875,7 +878,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         `torch.Tensor` of shape `(total_tokens_q, heads, head_dim)` in q's dtype.
     """
     softmax_scale = _check_options(dropout_p, softmax_scale, q.shape[-1])
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    max_seqlen_q = _max_seqlen_arg("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _max_seqlen_arg("max_seqlen_k", max_seqlen_k)
     out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
     )
@@ -900,9 +905,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
     softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
-    _check_max_seqlen_arg("max_seqlen", max_seqlen)
     q, k, v = qkv.unbind(1)
-    _check_inputs(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, alibi_slopes)
+    _check_inputs(q, k, v, cu_seqlens, cu_seqlens, alibi_slopes)
+    max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
         qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
     )

@@ -391,6 +391,13 @@ def test_error_max_seqlen_type():
         flash_attn_varlen_func(q, k, v, cu, cu, 4, -1)
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="runs the kernel: needs a GPU or Triton's interpreter")
+def test_max_seqlen_numpy_int():
+    np = pytest.importorskip("numpy")
+    q, k, v, cu = _inputs()
+    assert flash_attn_varlen_func(q, k, v, cu, cu, np.int64(4), 4).shape == q.shape
+
+
 def test_error_cpu_tensors_need_interpreter(monkeypatch):
     monkeypatch.setattr(fa, "_INTERPRET", False)
     q, k, v, cu = _inputs(device="cpu")
