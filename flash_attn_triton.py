@@ -469,7 +469,8 @@ if HAS_TRITON:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Validation (metadata only: nothing here reads a tensor's values, so nothing waits for the device)
+# Validation. Only `check_max_seqlen` reads tensor values (and says so); the rest reads shapes, dtypes and
+# devices, so the attention functions never wait for the device.
 # --------------------------------------------------------------------------------------------------------
 def _require_triton():
     if not HAS_TRITON:
