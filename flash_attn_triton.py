@@ -8,16 +8,19 @@ cumulative lengths starting at 0), the flash-attn 2 "varlen" convention. Attenti
 boundary. The ALiBi bias `-slope[h] * |i - j|` (positions restart at 0 in every sequence) is computed inside
 the kernels from two aranges, so no (L, L) tensor exists anywhere and memory stays O(total_tokens).
 
-Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) -> autograd Functions ->
-the public functions `flash_attn_varlen_func` and `flash_attn_varlen_qkvpacked_func`.
+Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) -> `torch.library` custom ops
+(`mosaic_bert::flash_attn_varlen_fwd/bwd` and `mosaic_bert::flash_attn_varlen_qkvpacked_fwd/bwd`, with fake
+implementations and autograd, so `torch.compile` traces through them without a graph break) -> the public
+functions `flash_attn_varlen_func` and `flash_attn_varlen_qkvpacked_func`, and `check_max_seqlen`.
 
-The file imports without Triton (Triton is optional for the model); the public functions then raise an
-ImportError. On a machine without a GPU the kernels run under Triton's interpreter when `TRITON_INTERPRET=1`
-is set before this module is imported (slow; meant for tests).
+The file imports without Triton (Triton is optional for the model); the public attention functions then raise
+an ImportError. On a machine without a GPU the kernels run under Triton's interpreter when `TRITON_INTERPRET=1`
+is set before Triton is first imported (slow; meant for tests).
 """
 
 import contextlib
 import math
+import operator
 import os
 
 import torch
@@ -26,33 +29,39 @@ try:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
+    # The kernels reach autograd and torch.compile as torch.library custom ops (torch >= 2.4, the package's
+    # floor); on older torch the model takes its PyTorch attention path, as without Triton.
+    HAS_TRITON = hasattr(torch.library, "custom_op")
 except ImportError:  # the model falls back to its PyTorch attention path
     triton = None
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"]
+__all__ = ["HAS_TRITON", "check_max_seqlen", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"]
 
 # Triton decides at decoration time whether `@triton.jit` builds an interpreted function, so we read the same
 # switch once, here, to pick a tiny autotune list for the (very slow) interpreter.
 _INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
+# The kernels work in base 2 (exp2/log2). The launchers multiply log2(e) into the softmax scale and the ALiBi
+# slopes, so no kernel carries the constant.
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+_OP_NAMESPACE = "mosaic_bert"
 
 
 def _seqlen_bucket(max_seqlen):
     """Autotune key for a max_seqlen: the next power of two (at least 16), so ragged batches whose longest
     sequence moves around (97, 113, 120, ...) share one tuned config instead of re-tuning per batch."""
-    return max(16, triton.next_power_of_2(max(int(max_seqlen), 1)))
+    return max(16, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
 if HAS_TRITON:
     # ----------------------------------------------------------------------------------------------------
     # Autotune lists. Hopper (H100/H200) and d=64 are the tuning target; each list is short because every
-    # entry is compiled and timed once per (seqlen bucket, head dim, dtype) key.
+    # entry is compiled and timed once per (seqlen bucket, head dim, dtype) key. BENCHMARKS.md records the
+    # measurements behind each entry.
     # ----------------------------------------------------------------------------------------------------
     if _INTERPRET:
         # 16x16 tiles make the small test shapes (lengths 17, 40, ...) cross several blocks and a ragged tail.
@@ -60,21 +69,18 @@ if HAS_TRITON:
         _BWD_KV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
         _BWD_Q_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     else:
-        # Chosen on an H200 (bench/attention.py --extra-configs, 2026-12-01): at d=64 the forward always
-        # picked a 128-row query tile on one warpgroup with 64-key steps, 3 or 4 stages deep; 128-key steps
-        # never won and were dropped.
+        # Forward: a 128-row query tile on one warpgroup with 64-key steps, 3 or 4 stages deep.
         _FWD_CONFIGS = [
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
             # Two warpgroups per query tile: half the registers per thread, for d=128 (one warpgroup spills).
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            # Short sequences: smaller query tiles waste less work on ragged tails and fill 132 SMs better.
+            # Short sequences: smaller query tiles waste less work on ragged tails and fill the SMs better.
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ]
         # Backward: the key/value kernel holds dK and dV accumulators (2 x BLOCK_N x d fp32) and steps over
-        # queries; the dQ kernel is the mirror image. On the H200 both picked 64-wide tiles on one warpgroup
-        # (32 query steps for the key/value kernel at short lengths); 64 x 128 on 8 warps never won.
-        # (32 x 128 on 4 warps spills its accumulators at d=64: ptxas on sm_90a, 2026-12-01; on 8 warps not.)
+        # queries; the dQ kernel is the mirror image. 64-wide tiles on one warpgroup are the usual winners;
+        # 32 x 128 needs 8 warps, as on 4 warps its accumulators spill at d=64.
         _BWD_KV_CONFIGS = [
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -89,6 +95,34 @@ if HAS_TRITON:
     # The lse/delta row stride is total_tokens, which changes every ragged batch; without this, Triton would
     # compile a second variant whenever its divisibility by 16 flips.
     _NO_SPECIALIZE = ["stride_lh"]
+
+    # What an inner loop masks (its MASK constexpr); each mode compiles to its own loop body, so the bulk of
+    # the blocks runs without any mask.
+    _MASK_NONE = tl.constexpr(0)  # whole blocks inside the sequence
+    _MASK_TAIL = tl.constexpr(1)  # the last, partial block: positions past the sequence end
+    _MASK_CAUSAL = tl.constexpr(2)  # the tail mask, plus keys after each query's diagonal
+
+    @triton.jit
+    def _program_sequence(CuSeqlensQ, CuSeqlensK, Slopes, stride_sb, stride_sh, HAS_ALIBI: tl.constexpr):
+        # The preamble of every attention program. Grid: (blocks along a sequence, heads, sequences). Heads
+        # and sequences on separate axes keep each below the 65535 limit of grid axes 1 and 2; axis 0 varies
+        # fastest, so the blocks of one (sequence, head) run together and share its K/V (or Q) in L2.
+        # Returns the head, where the query and key sequences start, their lengths and the head's slope.
+        off_h = tl.program_id(1).to(tl.int64)
+        off_b = tl.program_id(2).to(tl.int64)
+        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start.to(tl.int32)
+        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start.to(tl.int32)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh)
+        return off_h, q_start, seqlen_q, k_start, seqlen_k, slope
+
+    @triton.jit
+    def _tile_ptrs(X, seq_start, rows, stride_t, off_h, stride_h, offs_d):
+        # Pointers to the (rows, BLOCK_D) tile of head off_h, rows counted from the sequence start (int64).
+        return X + (seq_start + rows[:, None]) * stride_t + off_h * stride_h + offs_d[None, :]
 
     @triton.jit
     def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr,
@@ -109,32 +143,29 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, offs_d, pos_q,
                    lo, hi, seqlen_k, shift, qk_scale, slope,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, CAUSAL: tl.constexpr, MASK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-        # One query tile against key blocks [lo, hi). MASK_N: this range may hold keys past seqlen_k (the
-        # ragged tail) or, for causal, keys past the diagonal; the bulk of the blocks runs without masks.
-        # k_ptrs/v_ptrs already point at key row `lo`.
+                   MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # One query tile against key blocks [lo, hi); k_ptrs/v_ptrs already point at key row `lo`.
+        # Scores are in base-2 units: qk_scale and slope carry log2(e).
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             cols = start_n + offs_n
-            k = _load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_N, EVEN_D)
+            k = _load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             if HAS_ALIBI:
-                # Scores in base-2 units: log2(e) is folded into qk_scale and slope.
                 qk = qk * qk_scale - slope * tl.abs(pos_q[:, None] - cols.to(tl.float32)[None, :])
-            if MASK_N:
+            if MASK != _MASK_NONE:
                 keep = cols[None, :] < seqlen_k
-                if CAUSAL:
+                if MASK == _MASK_CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
                 qk = tl.where(keep, qk, float("-inf"))
-            # Without ALiBi the scale is applied after the row max, inside one fused multiply-add with the
-            # max subtraction (one op per score fewer: +7 to +12% forward at d=64 on an H200, 2026-12-01).
+            # Without ALiBi the scale is applied after the row max, in one fused multiply-add with the max
+            # subtraction: one operation per score fewer.
             if HAS_ALIBI:
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
             else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if CAUSAL:
+            if MASK == _MASK_CAUSAL:
                 # A query row can have no visible key yet; keep exp2 away from (-inf) - (-inf).
                 m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             if HAS_ALIBI:
@@ -143,7 +174,7 @@ if HAS_TRITON:
                 p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_N, EVEN_D)
+            v = _load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -158,7 +189,7 @@ if HAS_TRITON:
         Out,  # (t_q, h, d)
         Lse,  # (h, t_q) fp32: log2-sum-exp of the base-2 scaled scores, for the backward
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32 (stride_sb = 0); unused without ALiBi
+        Slopes,  # (b, h) or (h,) fp32 (stride_sb = 0), times log2(e); unused without ALiBi
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_lh, stride_sb, stride_sh,
         qk_scale,  # softmax_scale * log2(e)
@@ -169,33 +200,21 @@ if HAS_TRITON:
     ):
         tl.static_assert(BLOCK_D >= HEAD_DIM)
         EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
-        # Grid: (query blocks of max_seqlen_q, heads, batch). Heads and batch on separate axes keep each
-        # below the 65535 limit of grid axes 1 and 2; axis 0 varies fastest, so the query blocks of one
-        # (sequence, head) run together and share its K/V in L2.
-        pid_m = tl.program_id(0)
-        off_h = tl.program_id(1).to(tl.int64)
-        off_b = tl.program_id(2).to(tl.int64)
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start.to(tl.int32)
-        start_m = pid_m * BLOCK_M
+        off_h, q_start, seqlen_q, k_start, seqlen_k, slope = _program_sequence(
+            CuSeqlensQ, CuSeqlensK, Slopes, stride_sb, stride_sh, HAS_ALIBI=HAS_ALIBI)
+        start_m = tl.program_id(0) * BLOCK_M
         if start_m >= seqlen_q:
             return  # this sequence is shorter than max_seqlen_q
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start.to(tl.int32)
         # Query i sits at key position i + shift (flash-attn's bottom-right alignment; 0 for self-attention).
         shift = seqlen_k - seqlen_q
 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q_ptrs = Q + (q_start + offs_m[:, None]) * stride_qt + off_h * stride_qh + offs_d[None, :]
-        k_ptrs = K + (k_start + offs_n[:, None]) * stride_kt + off_h * stride_kh + offs_d[None, :]
-        v_ptrs = V + (k_start + offs_n[:, None]) * stride_vt + off_h * stride_vh + offs_d[None, :]
-        q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, True, EVEN_D)
-
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
+        q = _load_tile(_tile_ptrs(Q, q_start, offs_m, stride_qt, off_h, stride_qh, offs_d), offs_m, seqlen_q,
+                       offs_d, HEAD_DIM, MASK_ROWS=True, EVEN_D=EVEN_D)
+        k_ptrs = _tile_ptrs(K, k_start, offs_n, stride_kt, off_h, stride_kh, offs_d)
+        v_ptrs = _tile_ptrs(V, k_start, offs_n, stride_vt, off_h, stride_vh, offs_d)
         pos_q = (offs_m + shift).to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -205,25 +224,28 @@ if HAS_TRITON:
             hi = tl.minimum(seqlen_k, start_m + BLOCK_M + shift)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
                                        offs_d, pos_q, 0, hi, seqlen_k, shift, qk_scale, slope,
-                                       HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, True, True, DOT_PRECISION)
+                                       MASK=_MASK_CAUSAL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                       EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
         else:
             full_n = (seqlen_k // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
                                        offs_d, pos_q, 0, full_n, seqlen_k, shift, qk_scale, slope,
-                                       HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, False, False, DOT_PRECISION)
+                                       MASK=_MASK_NONE, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                       EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
             tail = full_n.to(tl.int64)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs + tail * stride_kt, v_ptrs + tail * stride_vt,
-                                       stride_kt, stride_vt, offs_m, offs_n,
-                                       offs_d, pos_q, full_n, seqlen_k, seqlen_k, shift, qk_scale, slope,
-                                       HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, False, True, DOT_PRECISION)
+                                       stride_kt, stride_vt, offs_m, offs_n, offs_d, pos_q, full_n, seqlen_k,
+                                       seqlen_k, shift, qk_scale, slope,
+                                       MASK=_MASK_TAIL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                       EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
 
         # A row that saw no key at all (empty key sequence, or causal with seqlen_q > seqlen_k) outputs 0
         # and gets lse = +inf, which makes its probabilities exactly 0 in the backward.
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
-        o_ptrs = Out + (q_start + offs_m[:, None]) * stride_ot + off_h * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+        tl.store(_tile_ptrs(Out, q_start, offs_m, stride_ot, off_h, stride_oh, offs_d), acc.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
         tl.store(Lse + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
     @triton.jit(do_not_specialize=["total_tokens"])
@@ -239,25 +261,24 @@ if HAS_TRITON:
         offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_t[:, None] < total_tokens) & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(Out + offs_t[:, None] * stride_ot + off_h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + offs_t[:, None] * stride_dot + off_h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(_tile_ptrs(Out, 0, offs_t, stride_ot, off_h, stride_oh, offs_d), mask=mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO, 0, offs_t, stride_dot, off_h, stride_doh, offs_d), mask=mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(Delta + off_h * stride_dh + offs_t, delta, mask=offs_t < total_tokens)
 
     @triton.jit
     def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
                       offs_m, offs_n, offs_d, pos_k, lo, hi, seqlen_q, shift, qk_scale, slope,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                      HAS_ALIBI: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         # One key tile against query blocks [lo, hi), in transposed form (keys on rows) so that dV and dK
         # come out of the dots without transposing the accumulators.
         # q_ptrs/do_ptrs/lse_ptrs/delta_ptrs already point at query row `lo`.
         for start_m in range(lo, hi, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             rows = start_m + offs_m
-            q = _load_tile(q_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASK_M, EVEN_D)
-            if MASK_M:
+            q = _load_tile(q_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
+            if MASK != _MASK_NONE:
                 # lse = +inf zeroes every probability of a query row past the end of the sequence.
                 lse = tl.load(lse_ptrs, mask=rows < seqlen_q, other=float("inf"))
             else:
@@ -266,12 +287,12 @@ if HAS_TRITON:
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             if HAS_ALIBI:
                 qk_t -= slope * tl.abs(pos_k[:, None] - (rows + shift).to(tl.float32)[None, :])
-            if CAUSAL:
+            if MASK == _MASK_CAUSAL:
                 qk_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, qk_t, float("-inf"))
             p_t = tl.exp2(qk_t - lse[None, :])
-            do = _load_tile(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASK_M, EVEN_D)
+            do = _load_tile(do_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            if MASK_M:
+            if MASK != _MASK_NONE:
                 delta = tl.load(delta_ptrs, mask=rows < seqlen_q, other=0.0)
             else:
                 delta = tl.load(delta_ptrs)
@@ -291,7 +312,7 @@ if HAS_TRITON:
         Lse, Delta,  # (h, t_q) fp32 each, same strides
         DK, DV,  # (t_k, h, d)
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32
+        Slopes,  # (b, h) or (h,) fp32, times log2(e)
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, stride_sb, stride_sh,
         qk_scale, sm_scale,
@@ -303,16 +324,11 @@ if HAS_TRITON:
         # dK, dV for one key block, looping over all query blocks: each program owns its output rows, so
         # the backward needs no atomics and is bit-for-bit deterministic.
         EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
-        pid_n = tl.program_id(0)
-        off_h = tl.program_id(1).to(tl.int64)
-        off_b = tl.program_id(2).to(tl.int64)
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start.to(tl.int32)
-        start_n = pid_n * BLOCK_N
+        off_h, q_start, seqlen_q, k_start, seqlen_k, slope = _program_sequence(
+            CuSeqlensQ, CuSeqlensK, Slopes, stride_sb, stride_sh, HAS_ALIBI=HAS_ALIBI)
+        start_n = tl.program_id(0) * BLOCK_N
         if start_n >= seqlen_k:
-            return
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start.to(tl.int32)
+            return  # this key sequence is shorter than max_seqlen_k
         shift = seqlen_k - seqlen_q
 
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -320,67 +336,65 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         # Key rows past seqlen_k load as zeros; their (garbage) dK/dV rows are never stored, and they feed
         # nothing else, so the query loop needs no key mask.
-        k = _load_tile(K + (k_start + offs_n[:, None]) * stride_kt + off_h * stride_kh + offs_d[None, :],
-                       offs_n, seqlen_k, offs_d, HEAD_DIM, True, EVEN_D)
-        v = _load_tile(V + (k_start + offs_n[:, None]) * stride_vt + off_h * stride_vh + offs_d[None, :],
-                       offs_n, seqlen_k, offs_d, HEAD_DIM, True, EVEN_D)
-        q_ptrs = Q + (q_start + offs_m[:, None]) * stride_qt + off_h * stride_qh + offs_d[None, :]
-        do_ptrs = DO + (q_start + offs_m[:, None]) * stride_dot + off_h * stride_doh + offs_d[None, :]
+        k = _load_tile(_tile_ptrs(K, k_start, offs_n, stride_kt, off_h, stride_kh, offs_d), offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, MASK_ROWS=True, EVEN_D=EVEN_D)
+        v = _load_tile(_tile_ptrs(V, k_start, offs_n, stride_vt, off_h, stride_vh, offs_d), offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, MASK_ROWS=True, EVEN_D=EVEN_D)
+        q_ptrs = _tile_ptrs(Q, q_start, offs_m, stride_qt, off_h, stride_qh, offs_d)
+        do_ptrs = _tile_ptrs(DO, q_start, offs_m, stride_dot, off_h, stride_doh, offs_d)
         lse_ptrs = Lse + off_h * stride_lh + q_start + offs_m
         delta_ptrs = Delta + off_h * stride_lh + q_start + offs_m
-
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
         pos_k = offs_n.to(tl.float32)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if CAUSAL:
-            # Queries that can see key start_n: i + shift >= start_n.
-            lo = tl.maximum(start_n - shift, 0)
-            lo = (lo // BLOCK_M) * BLOCK_M
+            # Queries that can see key start_n: i + shift >= start_n; start at the block holding the first.
+            lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
             lo64 = lo.to(tl.int64)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs + lo64 * stride_qt, do_ptrs + lo64 * stride_dot,
                                    lse_ptrs + lo, delta_ptrs + lo, stride_qt, stride_dot,
                                    offs_m, offs_n, offs_d, pos_k, lo, seqlen_q, seqlen_q, shift, qk_scale, slope,
-                                   HEAD_DIM, BLOCK_M, EVEN_D, HAS_ALIBI, True, True, DOT_PRECISION)
+                                   MASK=_MASK_CAUSAL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                   EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
         else:
             full_m = (seqlen_q // BLOCK_M) * BLOCK_M
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
                                    offs_m, offs_n, offs_d, pos_k, 0, full_m, seqlen_q, shift, qk_scale, slope,
-                                   HEAD_DIM, BLOCK_M, EVEN_D, HAS_ALIBI, False, False, DOT_PRECISION)
+                                   MASK=_MASK_NONE, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                   EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
             tail = full_m.to(tl.int64)
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs + tail * stride_qt, do_ptrs + tail * stride_dot,
                                    lse_ptrs + full_m, delta_ptrs + full_m, stride_qt, stride_dot,
                                    offs_m, offs_n, offs_d, pos_k, full_m, seqlen_q, seqlen_q, shift, qk_scale,
-                                   slope, HEAD_DIM, BLOCK_M, EVEN_D, HAS_ALIBI, False, True, DOT_PRECISION)
+                                   slope,
+                                   MASK=_MASK_TAIL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                   EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
 
         dk *= sm_scale  # d(score)/dk = softmax_scale * q; the log2(e) in qk_scale only lived inside exp2
         out_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-        tl.store(DK + (k_start + offs_n[:, None]) * stride_dkt + off_h * stride_dkh + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(DV + (k_start + offs_n[:, None]) * stride_dvt + off_h * stride_dvh + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=out_mask)
+        tl.store(_tile_ptrs(DK, k_start, offs_n, stride_dkt, off_h, stride_dkh, offs_d), dk.to(DK.dtype.element_ty),
+                 mask=out_mask)
+        tl.store(_tile_ptrs(DV, k_start, offs_n, stride_dvt, off_h, stride_dvh, offs_d), dv.to(DV.dtype.element_ty),
+                 mask=out_mask)
 
     @triton.jit
     def _bwd_q_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, offs_d, pos_q,
                      lo, hi, seqlen_k, shift, qk_scale, slope,
-                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr, CAUSAL: tl.constexpr, MASK_N: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-        # k_ptrs/v_ptrs already point at key row `lo`.
+                     MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # One query tile against key blocks [lo, hi); k_ptrs/v_ptrs already point at key row `lo`.
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             cols = start_n + offs_n
-            k = _load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_N, EVEN_D)
-            v = _load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_N, EVEN_D)
+            k = _load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
+            v = _load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, MASK_ROWS=MASK != _MASK_NONE, EVEN_D=EVEN_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if HAS_ALIBI:
                 qk -= slope * tl.abs(pos_q[:, None] - cols.to(tl.float32)[None, :])
-            if MASK_N:
+            if MASK != _MASK_NONE:
                 keep = cols[None, :] < seqlen_k
-                if CAUSAL:
+                if MASK == _MASK_CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
                 qk = tl.where(keep, qk, float("-inf"))
             p = tl.exp2(qk - lse[:, None])
@@ -398,7 +412,7 @@ if HAS_TRITON:
         Lse, Delta,  # (h, t_q) fp32 each, same strides
         DQ,  # (t_q, h, d)
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32
+        Slopes,  # (b, h) or (h,) fp32, times log2(e)
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_lh, stride_sb, stride_sh,
         qk_scale, sm_scale,
@@ -409,34 +423,25 @@ if HAS_TRITON:
     ):
         # dQ for one query block, looping over all key blocks (no atomics; see _bwd_kv_kernel).
         EVEN_D = BLOCK_D == HEAD_DIM  # a constexpr: no head-dim mask when d is a power of two
-        pid_m = tl.program_id(0)
-        off_h = tl.program_id(1).to(tl.int64)
-        off_b = tl.program_id(2).to(tl.int64)
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start.to(tl.int32)
-        start_m = pid_m * BLOCK_M
+        off_h, q_start, seqlen_q, k_start, seqlen_k, slope = _program_sequence(
+            CuSeqlensQ, CuSeqlensK, Slopes, stride_sb, stride_sh, HAS_ALIBI=HAS_ALIBI)
+        start_m = tl.program_id(0) * BLOCK_M
         if start_m >= seqlen_q:
-            return
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start.to(tl.int32)
+            return  # this sequence is shorter than max_seqlen_q
         shift = seqlen_k - seqlen_q
 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seqlen_q
-        q = _load_tile(Q + (q_start + offs_m[:, None]) * stride_qt + off_h * stride_qh + offs_d[None, :],
-                       offs_m, seqlen_q, offs_d, HEAD_DIM, True, EVEN_D)
-        do = _load_tile(DO + (q_start + offs_m[:, None]) * stride_dot + off_h * stride_doh + offs_d[None, :],
-                        offs_m, seqlen_q, offs_d, HEAD_DIM, True, EVEN_D)
+        q = _load_tile(_tile_ptrs(Q, q_start, offs_m, stride_qt, off_h, stride_qh, offs_d), offs_m, seqlen_q,
+                       offs_d, HEAD_DIM, MASK_ROWS=True, EVEN_D=EVEN_D)
+        do = _load_tile(_tile_ptrs(DO, q_start, offs_m, stride_dot, off_h, stride_doh, offs_d), offs_m, seqlen_q,
+                        offs_d, HEAD_DIM, MASK_ROWS=True, EVEN_D=EVEN_D)
         lse = tl.load(Lse + off_h * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + off_h * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
-        k_ptrs = K + (k_start + offs_n[:, None]) * stride_kt + off_h * stride_kh + offs_d[None, :]
-        v_ptrs = V + (k_start + offs_n[:, None]) * stride_vt + off_h * stride_vh + offs_d[None, :]
-
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
+        k_ptrs = _tile_ptrs(K, k_start, offs_n, stride_kt, off_h, stride_kh, offs_d)
+        v_ptrs = _tile_ptrs(V, k_start, offs_n, stride_vt, off_h, stride_vh, offs_d)
         pos_q = (offs_m + shift).to(tl.float32)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -444,31 +449,53 @@ if HAS_TRITON:
             hi = tl.minimum(seqlen_k, start_m + BLOCK_M + shift)
             dq = _bwd_q_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, offs_d,
                               pos_q, 0, hi, seqlen_k, shift, qk_scale, slope,
-                              HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, True, True, DOT_PRECISION)
+                              MASK=_MASK_CAUSAL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                              EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
         else:
             full_n = (seqlen_k // BLOCK_N) * BLOCK_N
             dq = _bwd_q_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, offs_d,
                               pos_q, 0, full_n, seqlen_k, shift, qk_scale, slope,
-                              HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, False, False, DOT_PRECISION)
+                              MASK=_MASK_NONE, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                              EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
             tail = full_n.to(tl.int64)
             dq = _bwd_q_inner(dq, q, do, lse, delta, k_ptrs + tail * stride_kt, v_ptrs + tail * stride_vt,
-                              stride_kt, stride_vt, offs_m, offs_n, offs_d,
-                              pos_q, full_n, seqlen_k, seqlen_k, shift, qk_scale, slope,
-                              HEAD_DIM, BLOCK_N, EVEN_D, HAS_ALIBI, False, True, DOT_PRECISION)
+                              stride_kt, stride_vt, offs_m, offs_n, offs_d, pos_q, full_n, seqlen_k, seqlen_k, shift,
+                              qk_scale, slope,
+                              MASK=_MASK_TAIL, HAS_ALIBI=HAS_ALIBI, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                              EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION)
         dq *= sm_scale
-        tl.store(DQ + (q_start + offs_m[:, None]) * stride_dqt + off_h * stride_dqh + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(_tile_ptrs(DQ, q_start, offs_m, stride_dqt, off_h, stride_dqh, offs_d), dq.to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launchers
+# Validation. Only `check_max_seqlen` reads tensor values (and says so); the rest reads shapes, dtypes and
+# devices, so the attention functions never wait for the device.
 # --------------------------------------------------------------------------------------------------------
 def _require_triton():
     if not HAS_TRITON:
         raise ImportError(
-            "flash_attn_triton needs the `triton` package (pip install triton); it is not installed. "
+            "flash_attn_triton needs the `triton` package (pip install triton) and torch >= 2.4; "
+            f"{'triton is not installed' if triton is None else f'this is torch {torch.__version__}'}. "
             "Use the model's PyTorch attention path instead."
         )
+
+
+def _check_options(dropout_p, softmax_scale, head_dim):
+    """Returns the softmax scale as a float (1 / sqrt(head_dim) by default)."""
+    _require_triton()
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"dropout_p={dropout_p} is not supported: this kernel has no attention dropout (use dropout_p=0.0, "
+            "or the model's PyTorch attention path for attention-probability dropout)"
+        )
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, torch.Tensor):
+        raise TypeError("softmax_scale must be a Python float, not a tensor (reading it would wait for the device)")
+    if not softmax_scale > 0:  # the forward takes the row max before scaling, which needs a positive scale
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def _check_qkv(q, k, v):
@@ -516,34 +543,37 @@ def _check_cu_seqlens(name, cu_seqlens, device):
         raise ValueError(f"{name} must be contiguous")
 
 
+def _max_seqlen_arg(name, max_seqlen):
+    """max_seqlen as an int, or as the SymInt it is under torch.compile (e.g. the padded width of the batch);
+    never a tensor, which would have to be read back from the device on every call."""
+    if not isinstance(max_seqlen, (int, torch.SymInt)):
+        if isinstance(max_seqlen, torch.Tensor) or not hasattr(type(max_seqlen), "__index__"):
+            raise TypeError(
+                f"{name} must be a Python int, got {type(max_seqlen).__name__} (a tensor would have to be read "
+                "back from the device on every call)"
+            )
+        max_seqlen = operator.index(max_seqlen)  # numpy integers too
+    if max_seqlen < 0:
+        raise ValueError(f"{name} must be >= 0, got {max_seqlen}")
+    return max_seqlen
+
+
 def _check_slopes(alibi_slopes, batch, heads, device):
-    """Returns (stride over sequences, stride over heads) for `alibi_slopes` of shape (h,) or (b, h)."""
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a tensor or None, got {type(alibi_slopes).__name__}")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
-    if tuple(alibi_slopes.shape) == (heads,):
-        return 0, alibi_slopes.stride(0)
-    if tuple(alibi_slopes.shape) == (batch, heads):
-        return alibi_slopes.stride(0), alibi_slopes.stride(1)
-    raise ValueError(
-        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x heads), "
-        f"got {tuple(alibi_slopes.shape)}"
-    )
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (heads, or batch x heads), "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
 
 
-def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, alibi_slopes):
-    """Launch the forward kernel.
-
-    q: (t_q, h, d), k/v: (t_k, h, d), fp16/bf16/fp32, last dim contiguous (other strides free, so views of a
-    packed qkv work); cu_seqlens_q/k: (b + 1,) int32; alibi_slopes: None, (h,) or (b, h) fp32.
-    max_seqlen_q must be at least the longest query sequence (it sizes the grid; it is not checked, as that
-    would synchronize with the device).
-    Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp).
-    """
-    _require_triton()
-    heads, head_dim = _check_qkv(q, k, v)
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+    heads, _ = _check_qkv(q, k, v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -551,68 +581,126 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             f"cu_seqlens_q and cu_seqlens_k describe different batch sizes "
             f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})"
         )
-    batch = cu_seqlens_q.numel() - 1
     if alibi_slopes is not None:
-        stride_sb, stride_sh = _check_slopes(alibi_slopes, batch, heads, q.device)
-    else:
-        stride_sb, stride_sh = 0, 0
-    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_seqlen_q < 0 or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+        _check_slopes(alibi_slopes, cu_seqlens_q.numel() - 1, heads, q.device)
 
+
+def check_max_seqlen(cu_seqlens, max_seqlen, name="max_seqlen"):
+    """Checks `cu_seqlens` and `max_seqlen` by reading them on the host; returns the longest sequence length.
+
+    Raises `ValueError` if `cu_seqlens` does not start at 0, decreases anywhere, or if `max_seqlen` is below
+    its longest sequence. This waits for the device once (one small copy): call it once per forward where
+    `cu_seqlens`/`max_seqlen` come from the caller, not once per layer. It does not need Triton.
+
+    Args:
+        cu_seqlens (`torch.Tensor` of shape `(batch + 1,)`, integer): cumulative sequence lengths.
+        max_seqlen (`int`): the value to be passed to the attention functions.
+    """
+    cu_seqlens = cu_seqlens.reshape(-1)
+    if cu_seqlens.numel() < 2:
+        return 0
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, shortest, longest = torch.stack([cu_seqlens[0], lengths.min(), lengths.max()]).tolist()
+    if first != 0 or shortest < 0:
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got first={first}, smallest step "
+                         f"{shortest}")
+    if max_seqlen < longest:
+        raise ValueError(f"{name}={max_seqlen} is below the longest sequence ({longest}) in cu_seqlens")
+    return longest
+
+
+def _assert_max_seqlen(name, cu_seqlens, max_seqlen):
+    """Fails if `max_seqlen` is below the longest sequence of `cu_seqlens`, without waiting for the device.
+
+    The launch grid has max_seqlen / BLOCK programs per sequence, so a too-small value would leave rows of the
+    output unwritten. On CPU (the interpreter) reading is free: `check_max_seqlen`'s ValueError, with both
+    numbers. On a GPU, `torch._assert_async`: a device-side assert that stops the CUDA context at the next
+    synchronization, before anything reads the output (its message cannot carry the device's numbers; call
+    `check_max_seqlen` for a readable error).
+    """
+    if cu_seqlens.device.type == "cpu":
+        check_max_seqlen(cu_seqlens, max_seqlen, name)
+    else:
+        longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
+        torch._assert_async(longest <= max_seqlen, f"{name}={max_seqlen} is below the longest sequence in cu_seqlens")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+def _slopes_log2(alibi_slopes, batch, heads):
+    """(slopes * log2(e), stride over sequences, stride over heads) for slopes of shape (h,) or (b, h), or
+    (None, 0, 0) without ALiBi. One tiny elementwise op, so that no kernel multiplies by log2(e)."""
+    if alibi_slopes is None:
+        return None, 0, 0
+    slopes = alibi_slopes * _LOG2E  # contiguous
+    if slopes.dim() == 1:
+        return slopes, 0, 1
+    return slopes, heads, 1
+
+
+def _device_of(x):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        causal, alibi_slopes):
+    """Launch the forward kernel (inputs already checked by `_check_inputs`).
+
+    q: (t_q, h, d), k/v: (t_k, h, d), fp16/bf16/fp32, last dim contiguous (other strides free, so views of a
+    packed qkv work); cu_seqlens_q/k: (b + 1,) int32; alibi_slopes: None, (h,) or (b, h) fp32.
+    max_seqlen_q/k must be at least the longest query/key sequence (they size the grids; the ops check that
+    with `_assert_max_seqlen` before launching).
+    Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp).
+    """
+    heads, head_dim = q.shape[1], q.shape[2]
+    batch = cu_seqlens_q.numel() - 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
+    slopes, stride_sb, stride_sh = _slopes_log2(alibi_slopes, batch, heads)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with _device_of(q):
         _fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-            alibi_slopes if alibi_slopes is not None else q,
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), stride_sb, stride_sh,
             softmax_scale * _LOG2E,
             _seqlen_bucket(max(max_seqlen_q, max_seqlen_k)),
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            HAS_ALIBI=alibi_slopes is not None, CAUSAL=bool(causal),
+            HAS_ALIBI=slopes is not None, CAUSAL=causal,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         )
     return out, lse
 
 
 def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale, causal, alibi_slopes, dq=None, dk=None, dv=None):
+                         softmax_scale, causal, alibi_slopes, dq, dk, dv):
     """Launch the three backward kernels (delta = rowsum(dO * O), then dK/dV per key block, then dQ per
-    query block; deterministic, no atomics).
+    query block; deterministic, no atomics), writing into dq/dk/dv.
 
-    Shapes as in `_flash_attn_forward`; dout: (t_q, h, d). dq/dk/dv, when given, are (possibly strided)
-    output views to write into, e.g. the three slices of one (t, 3, h, d) gradient; else they are allocated.
-    Returns (dq, dk, dv).
+    Shapes as in `_flash_attn_forward`; dout: (t_q, h, d). dq/dk/dv: (t_q, h, d), (t_k, h, d), (t_k, h, d),
+    last dim contiguous, possibly strided views, e.g. the three slices of one (t, 3, h, d) gradient.
     """
     heads, head_dim = q.shape[1], q.shape[2]
     batch = cu_seqlens_q.numel() - 1
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    if alibi_slopes is not None:
-        stride_sb, stride_sh = _check_slopes(alibi_slopes, batch, heads, q.device)
-    else:
-        stride_sb, stride_sh = 0, 0
     if k.shape[0] > 0 and q.shape[0] == 0:
         dk.zero_()
         dv.zero_()
     if q.shape[0] == 0 or k.shape[0] == 0:
         dq.zero_()
-        return dq, dk, dv
+        return
     block_d = max(16, triton.next_power_of_2(head_dim))
     bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_ALIBI=alibi_slopes is not None, CAUSAL=bool(causal),
+    slopes, stride_sb, stride_sh = _slopes_log2(alibi_slopes, batch, heads)
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_ALIBI=slopes is not None, CAUSAL=causal,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
-    slopes = alibi_slopes if alibi_slopes is not None else q
+    slopes = q if slopes is None else slopes
     delta = torch.empty_like(lse)
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with _device_of(q):
         block_t = 64
         _bwd_preprocess_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
             out, dout, delta, q.shape[0],
@@ -637,71 +725,134 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
             lse.stride(0), stride_sb, stride_sh,
             softmax_scale * _LOG2E, softmax_scale, bucket, **consts,
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, which sees only their fake implementations (shapes and dtypes) and
+# their registered backward. max_seqlen is a SymInt, so a symbolic padded width traces without specializing.
+# --------------------------------------------------------------------------------------------------------
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                alibi_slopes):
+    _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
+    _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
+    return _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                               causal, alibi_slopes)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     alibi_slopes):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                causal, alibi_slopes):
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale, causal, alibi_slopes, dq, dk, dv)
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------------------
-class _FlashAttnVarlenFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                alibi_slopes):
-        out, lse = _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       softmax_scale, causal, alibi_slopes)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
-        ctx.max_seqlen_q, ctx.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-        ctx.softmax_scale, ctx.causal = softmax_scale, causal
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-                                          ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, alibi_slopes)
-        return dq, dk, dv, None, None, None, None, None, None, None
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, causal, alibi_slopes):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-class _FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
-        # qkv: (t, 3, h, d); q/k/v are strided views into it, never copies.
-        q, k, v = qkv.unbind(1)
-        out, lse = _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
-                                       causal, alibi_slopes)
-        ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
-        ctx.max_seqlen, ctx.softmax_scale, ctx.causal = int(max_seqlen), softmax_scale, causal
-        return out
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, alibi_slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-        q, k, v = qkv.unbind(1)
-        # One (t, 3, h, d) gradient; the kernels write dq/dk/dv straight into its three slices.
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        dq, dk, dv = dqkv.unbind(1)
-        _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-                             ctx.softmax_scale, ctx.causal, alibi_slopes, dq=dq, dk=dk, dv=dv)
-        return dqkv, None, None, None, None, None
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mosaic_bert.flash_attn_varlen_bwd.default(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale,
+        ctx.causal, alibi_slopes,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _qkvpacked_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
+    _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
+    q, k, v = qkv.unbind(1)  # strided views into qkv (t, 3, h, d), never copies
+    return _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
+                               alibi_slopes)
+
+
+def _qkvpacked_fwd_fake(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
+    t, _, h, d = qkv.shape
+    return qkv.new_empty((t, h, d)), qkv.new_empty((h, t), dtype=torch.float32)
+
+
+def _qkvpacked_bwd(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
+    # One (t, 3, h, d) gradient; the kernels write dq/dk/dv straight into its three slices.
+    dqkv = qkv.new_empty(qkv.shape)
+    q, k, v = qkv.unbind(1)
+    _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
+                         causal, alibi_slopes, *dqkv.unbind(1))
+    return dqkv
+
+
+def _qkvpacked_bwd_fake(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkvpacked_setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
+    ctx.max_seqlen, ctx.softmax_scale, ctx.causal = max_seqlen, softmax_scale, causal
+
+
+def _qkvpacked_backward(ctx, dout, dlse):
+    qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
+    dqkv = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd.default(
+        dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal, alibi_slopes
+    )
+    return dqkv, None, None, None, None, None
+
+
+_VARLEN_ARGS = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+                "float softmax_scale, bool causal, Tensor? alibi_slopes")
+_PACKED_ARGS = "Tensor cu_seqlens, SymInt max_seqlen, float softmax_scale, bool causal, Tensor? alibi_slopes"
+_OPS = {
+    # name: (schema, implementation, fake implementation, backward, setup_context)
+    "flash_attn_varlen_fwd": (f"(Tensor q, Tensor k, Tensor v, {_VARLEN_ARGS}) -> (Tensor, Tensor)",
+                              _varlen_fwd, _varlen_fwd_fake, _varlen_backward, _varlen_setup_context),
+    "flash_attn_varlen_bwd": (
+        f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_VARLEN_ARGS}) "
+        "-> (Tensor, Tensor, Tensor)",
+        _varlen_bwd, _varlen_bwd_fake, None, None),
+    "flash_attn_varlen_qkvpacked_fwd": (f"(Tensor qkv, {_PACKED_ARGS}) -> (Tensor, Tensor)",
+                                        _qkvpacked_fwd, _qkvpacked_fwd_fake, _qkvpacked_backward,
+                                        _qkvpacked_setup_context),
+    "flash_attn_varlen_qkvpacked_bwd": (f"(Tensor dout, Tensor qkv, Tensor out, Tensor lse, {_PACKED_ARGS}) -> Tensor",
+                                        _qkvpacked_bwd, _qkvpacked_bwd_fake, None, None),
+}
+
+
+def _register_ops():
+    namespace = getattr(torch.ops, _OP_NAMESPACE)
+    for name, (schema, impl, fake, backward, setup_context) in _OPS.items():
+        if hasattr(namespace, name):
+            # This file was imported before under another module name (say from the repo root and as
+            # transformers' copy of the remote code); the ops that copy registered serve both.
+            continue
+        op = torch.library.custom_op(f"{_OP_NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+
+
+if HAS_TRITON:
+    _register_ops()
 
 
 # --------------------------------------------------------------------------------------------------------
 # Public API (flash-attn 2 vocabulary)
 # --------------------------------------------------------------------------------------------------------
-def _check_options(dropout_p, softmax_scale, head_dim):
-    _require_triton()
-    if dropout_p != 0.0:
-        raise ValueError(
-            f"dropout_p={dropout_p} is not supported: this kernel has no attention dropout (use dropout_p=0.0, "
-            "or the model's PyTorch attention path for attention-probability dropout)"
-        )
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not softmax_scale > 0:  # the forward takes the row max before scaling, which needs a positive scale
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    return float(softmax_scale)
-
-
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, alibi_slopes=None, deterministic=True):
     """Attention over a packed batch of variable-length sequences, with optional ALiBi.
@@ -712,7 +863,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             Only the last dimension must be contiguous.
         cu_seqlens_q, cu_seqlens_k (`torch.Tensor` of shape `(batch + 1,)`, int32): cumulative sequence
             lengths starting at 0.
-        max_seqlen_q, max_seqlen_k (`int`): longest query / key sequence (sizes the launch grid).
+        max_seqlen_q, max_seqlen_k (`int`): at least the longest query / key sequence (they size the launch
+            grids; a larger value, such as the padded width of the batch, only launches programs that exit at
+            once). A smaller value fails: a ValueError on CPU, a device-side assert on a GPU (see
+            `check_max_seqlen` for a readable error).
         dropout_p (`float`): must be 0.0; attention dropout is not implemented (ValueError otherwise).
         softmax_scale (`float`, *optional*): defaults to 1 / sqrt(head_dim).
         causal (`bool`): mask key j > i + (seqlen_k - seqlen_q) (flash-attn's bottom-right alignment).
@@ -725,8 +879,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         `torch.Tensor` of shape `(total_tokens_q, heads, head_dim)` in q's dtype.
     """
     softmax_scale = _check_options(dropout_p, softmax_scale, q.shape[-1])
-    return _FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      softmax_scale, causal, alibi_slopes)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    max_seqlen_q = _max_seqlen_arg("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _max_seqlen_arg("max_seqlen_k", max_seqlen_k)
+    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
+    )
+    return out
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -747,4 +906,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
     softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
-    return _FlashAttnVarlenQKVPackedFunc.apply(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes)
+    q, k, v = qkv.unbind(1)
+    _check_inputs(q, k, v, cu_seqlens, cu_seqlens, alibi_slopes)
+    max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
+    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
+        qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
+    )
+    return out

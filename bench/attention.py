@@ -24,25 +24,33 @@ Usage:
 """
 
 import argparse
+import importlib
 import json
 import os
 import random
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 
-from flash_attn_triton import flash_attn_varlen_qkvpacked_func  # noqa: E402
+
+def import_package(root=REPO_ROOT, name="mosaic_bert_checkout"):
+    """The model folder as a Python package, so that its modules (which import each other relatively, as
+    transformers loads them) import as a user's code would see them. Returns (modeling_bert, flash_attn_triton)."""
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [root]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.modeling_bert"), importlib.import_module(f"{name}.flash_attn_triton")
+
+
+modeling_bert, flash_attn_triton = import_package()
+flash_attn_varlen_qkvpacked_func = flash_attn_triton.flash_attn_varlen_qkvpacked_func
 
 HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
-
-
-def alibi_slopes_12_heads():
-    # 12 heads: the 8-head slopes 2^-1 .. 2^-8, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
-    return torch.tensor([2.0 ** -(k + 1) for k in range(8)] + [2.0 ** -(k + 0.5) for k in range(4)])
 
 
 def make_lengths(kind, total_tokens, rng):
@@ -70,7 +78,7 @@ class Workload:
                                        device=device)
         self.qkv = torch.randn(self.total, 3, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
         self.dout = torch.randn(self.total, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
-        self.slopes = alibi_slopes_12_heads().to(device)
+        self.slopes = modeling_bert.alibi_slopes(HEADS).to(device)
         seq_of_token = torch.repeat_interleave(torch.arange(self.batch, device=device),
                                                torch.tensor(lengths, device=device))
         pos_of_token = torch.arange(self.total, device=device) - self.cu_seqlens[:-1].long()[seq_of_token]
@@ -213,7 +221,7 @@ def check_ours_against_mem_efficient(w):
 
 
 # Extra autotune candidates for `--extra-configs` (each free of register spills at d=64 on sm_90a, by
-# ptxas, 2026-12-01): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# ptxas): (BLOCK_M, BLOCK_N, num_warps, num_stages).
 EXTRA_CONFIGS = {
     "_fwd_kernel": [(128, 64, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2)],
     "_bwd_kv_kernel": [(64, 128, 8, 2), (64, 128, 8, 3)],
@@ -224,8 +232,6 @@ EXTRA_CONFIGS = {
 def widen_autotune_lists():
     import triton
 
-    import flash_attn_triton
-
     for name, extra in EXTRA_CONFIGS.items():
         kernel = getattr(flash_attn_triton, name)
         for m, n, warps, stages in extra:
@@ -233,8 +239,6 @@ def widen_autotune_lists():
 
 
 def print_autotune_choices():
-    import flash_attn_triton
-
     for name in EXTRA_CONFIGS:
         for key, config in getattr(flash_attn_triton, name).cache.items():
             print(f"autotune {name} key={key}: {config}")

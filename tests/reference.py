@@ -18,6 +18,46 @@ def closed_form_slopes(n):
     return slopes + extra[: n - p]
 
 
+def alibi_bias(slopes, len_q, len_k):
+    """The ALiBi bias of one sequence, (h, len_q, len_k) in slopes' dtype: -slope * |i + len_k - len_q - j|.
+
+    For self-attention that is -slope * |i - j|; with different lengths the queries align to the end of the
+    keys (flash-attn's bottom-right convention).
+    """
+    i = torch.arange(len_q, device=slopes.device)[:, None] + (len_k - len_q)
+    j = torch.arange(len_k, device=slopes.device)[None, :]
+    return -slopes[:, None, None] * (i - j).abs().to(slopes.dtype)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, causal=False, softmax_scale=None,
+                     compute_dtype=torch.float64):
+    """Dense attention per packed sequence in `compute_dtype` (float64 unless asked):
+    softmax(q k^T * scale + alibi_bias) v, with keys after i + len_k - len_q masked when causal.
+
+    q: (t_q, h, d), k/v: (t_k, h, d); cu_seqlens_q/k: (b + 1,); alibi_slopes: None, (h,) or (b, h).
+    A sequence without keys outputs zeros. Returns (t_q, h, d) in compute_dtype; differentiable.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b in range(len(cq) - 1):
+        qs, ks, vs = (x.to(compute_dtype) for x in (q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]]))
+        len_q, len_k = qs.shape[0], ks.shape[0]
+        if len_k == 0:
+            outs.append(torch.zeros_like(qs))
+            continue
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale  # (h, len_q, len_k)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            scores = scores + alibi_bias(slopes.to(compute_dtype), len_q, len_k)
+        if causal:
+            i = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
+            j = torch.arange(len_k, device=q.device)[None, :]
+            scores = scores.masked_fill(j > i, float("-inf"))
+        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs))
+    return torch.cat(outs)
+
+
 def _ln(x, sd, prefix, eps):
     return torch.nn.functional.layer_norm(
         x, x.shape[-1:], sd[prefix + ".weight"].double(), sd[prefix + ".bias"].double(), eps
@@ -47,9 +87,7 @@ def reference_encoder(sd, cfg, input_ids, attention_mask=None, token_type_ids=No
     x = sd["bert.embeddings.word_embeddings.weight"].double()[input_ids]
     x = x + sd["bert.embeddings.token_type_embeddings.weight"].double()[token_type_ids]
     x = _ln(x, sd, "bert.embeddings.LayerNorm", eps)
-    slopes = torch.tensor(closed_form_slopes(heads), dtype=torch.float64)
-    pos = torch.arange(s)
-    alibi = -slopes[:, None, None] * (pos[None, :, None] - pos[None, None, :]).abs().double()  # (h, s, s)
+    alibi = alibi_bias(torch.tensor(closed_form_slopes(heads), dtype=torch.float64), s, s)  # (h, s, s)
     mask = torch.zeros(b, 1, 1, s, dtype=torch.float64).masked_fill(~valid[:, None, None, :], -1e30)
     all_hidden, all_probs = [x * valid[..., None]], []
     for i in range(cfg.num_hidden_layers):

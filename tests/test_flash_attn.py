@@ -6,7 +6,7 @@ fp32 reference with the flash-attn oracle: our error is at most twice the error 
 the same low dtype, for the output and every gradient.
 """
 
-import math
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,11 +25,14 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton", reason="triton is not installed; flash_attn_triton needs it")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+for path in (REPO_ROOT, TESTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import flash_attn_triton as fa  # noqa: E402
-from flash_attn_triton import flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func  # noqa: E402
+from flash_attn_triton import check_max_seqlen, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func  # noqa: E402
+from reference import closed_form_slopes, varlen_attention  # noqa: E402
 
 
 def _interpreter_active():
@@ -55,18 +58,8 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 # ------------------------------------------------------------------------------------------------------------
 # Reference and helpers
 # ------------------------------------------------------------------------------------------------------------
-def closed_form_alibi_slopes(n_heads):
-    """ALiBi slopes: 2^(-8/n)^(k+1) for n a power of two; otherwise those of the largest power of two p
-    below n, then every other slope of 2p heads for the remaining n - p heads."""
-
-    def power_of_two_slopes(n):
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (k + 1) for k in range(n)]
-
-    if n_heads & (n_heads - 1) == 0:
-        return torch.tensor(power_of_two_slopes(n_heads), dtype=torch.float32)
-    p = 2 ** math.floor(math.log2(n_heads))
-    return torch.tensor(power_of_two_slopes(p) + power_of_two_slopes(2 * p)[0::2][: n_heads - p], dtype=torch.float32)
+def alibi_slopes(heads, device=DEVICE):
+    return torch.tensor(closed_form_slopes(heads), dtype=torch.float32, device=device)
 
 
 def cu_seqlens_of(lengths, device=DEVICE):
@@ -76,36 +69,9 @@ def cu_seqlens_of(lengths, device=DEVICE):
     return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
-def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, causal=False, softmax_scale=None,
-                        compute_dtype=torch.float64):
-    """Dense per-sequence attention in `compute_dtype`: softmax(q k^T * scale - slope * |i + lk - lq - j|) v.
-
-    q: (t_q, h, d), k/v: (t_k, h, d); alibi_slopes: None, (h,) or (b, h). Returns (t_q, h, d) in compute_dtype.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs = []
-    for b in range(len(cq) - 1):
-        qs, ks, vs = (x.to(compute_dtype) for x in (q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]))
-        lq, lk = qs.shape[0], ks.shape[0]
-        if lk == 0:
-            outs.append(torch.zeros_like(qs))
-            continue
-        scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale  # (h, lq, lk)
-        i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        j = torch.arange(lk, device=q.device)[None, :]
-        if alibi_slopes is not None:
-            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
-            scores = scores - slopes.to(compute_dtype)[:, None, None] * (i - j).abs().to(compute_dtype)
-        if causal:
-            scores = scores.masked_fill(j > i, float("-inf"))
-        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs))
-    return torch.cat(outs)
-
-
 def reference_with_grads(q, k, v, cu_q, cu_k, dout, compute_dtype, **kwargs):
     leaves = [x.detach().to(compute_dtype).requires_grad_() for x in (q, k, v)]
-    out = attention_reference(*leaves, cu_q, cu_k, compute_dtype=compute_dtype, **kwargs)
+    out = varlen_attention(*leaves, cu_q, cu_k, compute_dtype=compute_dtype, **kwargs)
     out.backward(dout.to(compute_dtype))
     return out.detach(), [x.grad for x in leaves]
 
@@ -128,7 +94,7 @@ def make_slopes(kind, batch, heads, device=DEVICE):
     if kind == "none":
         return None
     if kind == "heads":
-        return closed_form_alibi_slopes(heads).to(device)
+        return alibi_slopes(heads, device)
     if kind == "batch":  # a different slope set per sequence
         return torch.rand(batch, heads, device=device) * 0.9 + 0.05
     raise ValueError(kind)
@@ -138,8 +104,8 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-# Interpreter tolerances (max abs error vs float64) for unit-scale random inputs, about 3x the worst seen
-# (2026-12-01); fp16 is loose because the interpreter multiplies fp16 tiles with numpy in fp16.
+# Interpreter tolerances (max abs error vs float64) for unit-scale random inputs, about 3x the worst seen;
+# fp16 is loose because the interpreter multiplies fp16 tiles with numpy in fp16.
 CPU_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
@@ -223,7 +189,7 @@ def test_interpreter_strided_packed_qkv_view():
     qkv = buffer[..., :head_dim].detach().requires_grad_()
     assert not qkv.is_contiguous()
     cu = cu_seqlens_of(lengths)
-    slopes = closed_form_alibi_slopes(heads)
+    slopes = alibi_slopes(heads)
     out = flash_attn_varlen_qkvpacked_func(qkv, cu, max(lengths), alibi_slopes=slopes)
     dout = torch.randn_like(out)
     out.backward(dout)
@@ -232,6 +198,101 @@ def test_interpreter_strided_packed_qkv_view():
     assert qkv.grad.shape == qkv.shape
     for g, rg in zip(qkv.grad.unbind(1), ref_grads):
         assert max_err(g, rg) <= CPU_TOL[torch.float32] * max(1.0, rg.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# max_seqlen against cu_seqlens: too small must fail, never return garbage
+# ------------------------------------------------------------------------------------------------------------
+@requires_interpreter
+@pytest.mark.parametrize("api", ["packed", "unpacked"])
+def test_interpreter_max_seqlen_too_small_raises(api):
+    lengths = [5, 20, 3]
+    q, k, v = (torch.randn(sum(lengths), 2, 16) for _ in range(3))
+    cu = cu_seqlens_of(lengths)
+    for max_seqlen in (19, 16, 0):
+        if api == "packed":
+            name = "max_seqlen"
+            call = lambda: flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, max_seqlen)  # noqa: E731
+        else:
+            name = "max_seqlen_q"
+            call = lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, 20)  # noqa: E731
+        with pytest.raises(ValueError, match=rf"{name}={max_seqlen} is below the longest sequence \(20\)"):
+            call()
+    if api == "unpacked":
+        with pytest.raises(ValueError, match=r"max_seqlen_k=7 is below the longest sequence \(20\)"):
+            flash_attn_varlen_func(q, k, v, cu, cu, 20, 7)
+
+
+@requires_interpreter
+def test_interpreter_larger_max_seqlen_same_result():
+    # The padded width of a batch is a valid max_seqlen: the extra programs exit without writing.
+    torch.manual_seed(7)
+    lengths = [5, 20, 3]
+    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    cu, slopes = cu_seqlens_of(lengths), alibi_slopes(2)
+    exact = flash_attn_varlen_qkvpacked_func(qkv, cu, 20, alibi_slopes=slopes)
+    padded = flash_attn_varlen_qkvpacked_func(qkv, cu, 53, alibi_slopes=slopes)
+    assert torch.equal(exact, padded)
+
+
+def test_check_max_seqlen():
+    cu = cu_seqlens_of([5, 20, 3], device="cpu")
+    assert check_max_seqlen(cu, 20) == 20
+    assert check_max_seqlen(cu, 512) == 20
+    assert check_max_seqlen(cu.long(), 20) == 20
+    with pytest.raises(ValueError, match=r"^max_seqlen=19 is below the longest sequence \(20\) in cu_seqlens$"):
+        check_max_seqlen(cu, 19)
+    with pytest.raises(ValueError, match="never decrease"):
+        check_max_seqlen(torch.tensor([0, 5, 3], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="start at 0"):
+        check_max_seqlen(torch.tensor([2, 5], dtype=torch.int32), 8)
+
+
+@requires_cuda
+def test_check_max_seqlen_on_gpu():
+    cu = cu_seqlens_of([5, 20, 3])
+    assert check_max_seqlen(cu, 20) == 20
+    with pytest.raises(ValueError, match=r"max_seqlen=4 is below the longest sequence \(20\)"):
+        check_max_seqlen(cu, 4)
+
+
+@requires_cuda
+def test_gpu_max_seqlen_too_small_stops_the_device():
+    # On a GPU the check is a device-side assert (no host sync), which ends the CUDA context: run it in a
+    # subprocess and require that it fails before anything reads the output.
+    code = (
+        f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n"
+        "import torch\n"
+        "from flash_attn_triton import flash_attn_varlen_qkvpacked_func\n"
+        "qkv = torch.randn(28, 3, 2, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "cu = torch.tensor([0, 5, 25, 28], dtype=torch.int32, device='cuda')\n"
+        "out = flash_attn_varlen_qkvpacked_func(qkv, cu, 16)\n"
+        "print(out.float().sum().item())\n"
+        "print('RETURNED')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "RETURNED" not in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "assert" in result.stderr.lower(), result.stderr[-2000:]
+
+
+@requires_cuda
+def test_gpu_no_host_sync():
+    # Forward and backward must never wait for the device (autotuning does, so warm up first).
+    lengths = [97, 513, 1, 255]
+    cu = cu_seqlens_of(lengths)
+    qkv = torch.randn(sum(lengths), 3, GPU_HEADS, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    slopes = alibi_slopes(GPU_HEADS)
+    flash_attn_varlen_qkvpacked_func(qkv, cu, 513, alibi_slopes=slopes).sum().backward()
+    q, k, v = (x.detach().requires_grad_() for x in qkv.unbind(1))
+    flash_attn_varlen_func(q, k, v, cu, cu, 513, 513, alibi_slopes=slopes).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flash_attn_varlen_qkvpacked_func(qkv, cu, 513, alibi_slopes=slopes).sum().backward()
+        flash_attn_varlen_func(q, k, v, cu, cu, 513, 513, alibi_slopes=slopes).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRETED, reason="the interpreter tests run in this process")
@@ -320,6 +381,23 @@ def test_error_alibi_slopes():
         flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, alibi_slopes=torch.ones(2, device="meta"))
 
 
+def test_error_max_seqlen_type():
+    q, k, v, cu = _inputs()
+    with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
+        flash_attn_varlen_func(q, k, v, cu, cu, torch.tensor(4), 4)
+    with pytest.raises(TypeError, match="max_seqlen must be a Python int"):
+        flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, 4.0)
+    with pytest.raises(ValueError, match="max_seqlen_k must be >= 0"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 4, -1)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="runs the kernel: needs a GPU or Triton's interpreter")
+def test_max_seqlen_numpy_int():
+    np = pytest.importorskip("numpy")
+    q, k, v, cu = _inputs()
+    assert flash_attn_varlen_func(q, k, v, cu, cu, np.int64(4), 4).shape == q.shape
+
+
 def test_error_cpu_tensors_need_interpreter(monkeypatch):
     monkeypatch.setattr(fa, "_INTERPRET", False)
     q, k, v, cu = _inputs(device="cpu")
@@ -345,6 +423,17 @@ def test_error_device_mismatch():
         flash_attn_varlen_func(q, k, v, cu.cpu(), cu, 4, 4)
 
 
+def test_second_copy_of_the_module_imports():
+    # transformers imports its own copy of the remote code next to any direct import; the second copy must not
+    # fail re-registering the custom ops, and uses the ones already registered.
+    path = os.path.join(REPO_ROOT, "flash_attn_triton.py")
+    spec = importlib.util.spec_from_file_location("flash_attn_triton_copy", path)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.HAS_TRITON
+    assert hasattr(torch.ops.mosaic_bert, "flash_attn_varlen_qkvpacked_fwd")
+
+
 def test_import_without_triton_is_clean():
     # The module must import where triton is absent (the model then uses its PyTorch path).
     code = (
@@ -360,6 +449,18 @@ def test_import_without_triton_is_clean():
         "    assert 'triton' in str(e)\n"
         "else:\n"
         "    raise AssertionError('expected ImportError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_import_on_torch_without_custom_op_is_clean():
+    # torch < 2.4 has no torch.library.custom_op: the module imports and reports the kernel as unavailable.
+    code = (
+        "import torch; del torch.library.custom_op\n"
+        f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n"
+        "import flash_attn_triton as fa\n"
+        "assert fa.HAS_TRITON is False\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
