@@ -618,11 +618,12 @@ def _assert_max_seqlen(name, cu_seqlens, max_seqlen):
     synchronization, before anything reads the output (its message cannot carry the device's numbers; call
     `check_max_seqlen` for a readable error).
     """
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         check_max_seqlen(cu_seqlens, max_seqlen, name)
     else:
         longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
-        torch._assert_async(longest <= max_seqlen, f"{name}={max_seqlen} is below the longest sequence in cu_seqlens")
+        # (the message names no value: formatting a symbolic max_seqlen would specialize a compiled graph on it)
+        torch._assert_async(longest <= max_seqlen, f"{name} is below the longest sequence in cu_seqlens")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -650,7 +651,7 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     q: (t_q, h, d), k/v: (t_k, h, d), fp16/bf16/fp32, last dim contiguous (other strides free, so views of a
     packed qkv work); cu_seqlens_q/k: (b + 1,) int32; alibi_slopes: None, (h,) or (b, h) fp32.
     max_seqlen_q/k must be at least the longest query/key sequence (they size the grids; the ops check that
-    with `_assert_max_seqlen` before launching).
+    with `_assert_max_seqlen` before calling the ops, unless the caller vouches for them).
     Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp).
     """
     heads, head_dim = q.shape[1], q.shape[2]
@@ -733,8 +734,6 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
 # --------------------------------------------------------------------------------------------------------
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 alibi_slopes):
-    _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
-    _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     return _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal, alibi_slopes)
 
@@ -775,7 +774,6 @@ def _varlen_backward(ctx, dout, dlse):
 
 
 def _qkvpacked_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes):
-    _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
     q, k, v = qkv.unbind(1)  # strided views into qkv (t, 3, h, d), never copies
     return _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
                                alibi_slopes)
@@ -854,7 +852,8 @@ if HAS_TRITON:
 # Public API (flash-attn 2 vocabulary)
 # --------------------------------------------------------------------------------------------------------
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, alibi_slopes=None, deterministic=True):
+                           softmax_scale=None, causal=False, alibi_slopes=None, deterministic=True,
+                           max_seqlen_checked=False):
     """Attention over a packed batch of variable-length sequences, with optional ALiBi.
 
     Args:
@@ -874,6 +873,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             `-slope * |i + seqlen_k - seqlen_q - j|` to the scores (`-slope * |i - j|` for self-attention),
             with positions counted from 0 inside each sequence.
         deterministic (`bool`): accepted for flash-attn compatibility; the backward is always deterministic.
+        max_seqlen_checked (`bool`): the caller guarantees the max_seqlen bounds (e.g. it passes the padded width
+            of the batch, or validated them once with `check_max_seqlen`); skips the per-call device check.
 
     Returns:
         `torch.Tensor` of shape `(total_tokens_q, heads, head_dim)` in q's dtype.
@@ -882,6 +883,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     max_seqlen_q = _max_seqlen_arg("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _max_seqlen_arg("max_seqlen_k", max_seqlen_k)
+    if not max_seqlen_checked:
+        _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
+        _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
     out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
     )
@@ -889,7 +893,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                                     alibi_slopes=None, deterministic=True):
+                                     alibi_slopes=None, deterministic=True, max_seqlen_checked=False):
     """Self-attention over a packed batch, taking q, k and v as one tensor.
 
     Args:
@@ -909,6 +913,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     q, k, v = qkv.unbind(1)
     _check_inputs(q, k, v, cu_seqlens, cu_seqlens, alibi_slopes)
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
+    if not max_seqlen_checked:
+        _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
     out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
         qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
     )

@@ -185,7 +185,10 @@ def _compute_dtype(dtype):
 
 def triton_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
     """The FlashAttention kernel with in-kernel ALiBi (flash_attn_triton.py); never forms the probabilities."""
-    out = flash_attn_varlen_qkvpacked_func(qkv, sequences.cu_seqlens, sequences.max_seqlen, alibi_slopes=slopes)
+    # max_seqlen is the padded width, or the caller's value checked with the inputs: no per-layer device check.
+    out = flash_attn_varlen_qkvpacked_func(
+        qkv, sequences.cu_seqlens, sequences.max_seqlen, alibi_slopes=slopes, max_seqlen_checked=True
+    )
     return out, None
 
 

@@ -142,7 +142,7 @@ def test_symbolic_max_seqlen_from_padded_width():
 def test_compiled_too_small_max_seqlen_raises():
     qkv, cu, slopes = packed_inputs()
     compiled = torch.compile(packed_attention, backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match=r"max_seqlen=29 is below the longest sequence \(30\)"):
+    with pytest.raises(Exception, match=r"max_seqlen is below the longest sequence"):
         compiled(qkv, cu, max(LENGTHS) - 1, slopes)
 
 
