@@ -12,6 +12,7 @@ bf16 matmul rate measured on an H200. The same useful-work count is used for eve
 
 import argparse
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -57,18 +58,32 @@ def useful_flops_per_token(n_nonembedding, hidden, layers, vocab, lengths, mask_
     return 6 * n_nonembedding + attention + head
 
 
-def ours(backend="triton", low_precision_layernorm=False, compile_blocks=False, **overrides):
+def ours(backend="triton", low_precision_layernorm=False, compile=False, fused=True, sparse=False, **overrides):
+    """MosaicBERT-base. `fused=False` runs the element-wise work as plain PyTorch ops instead of the fused Triton
+    kernels; `sparse` returns compact MLM logits (what the pretraining script uses); `compile` compiles the whole
+    model with fullgraph=True (unpadding's data-dependent sizes captured by dynamo)."""
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
     config = AutoConfig.from_pretrained(
         REPO, trust_remote_code=True, attention_backend=backend, low_precision_layernorm=low_precision_layernorm,
-        **{**base, **overrides},
+        sparse_prediction=sparse, **{**base, **overrides},
     )
     model = AutoModelForMaskedLM.from_config(config, trust_remote_code=True)
-    if compile_blocks:
-        for layer in model.bert.encoder.layer:
-            layer.mlp.compile(dynamic=True)
-            layer.attention.output.compile(dynamic=True)
+    fused_ops = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".fused_ops"]
+    fused_ops.DEFAULT_USE_TRITON = None if fused else False  # a module flag: set for every model built after
+    if compile:
+        import torch._dynamo
+
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        torch._dynamo.config.capture_scalar_outputs = True
+        model = torch.compile(model, fullgraph=True)
     return model
+
+
+def compiled(build):
+    def make():
+        return torch.compile(build())
+
+    return make
 
 
 def hf_bert():
@@ -118,11 +133,15 @@ def train_steps(model, batch, steps, warmup):
 
 VARIANTS = {
     "mosaic plain": lambda: ours("torch"),
+    "mosaic triton unfused": lambda: ours("triton", fused=False),
     "mosaic triton": lambda: ours("triton"),
-    "mosaic triton+lpLN": lambda: ours("triton", True),
-    "mosaic triton+lpLN+compile": lambda: ours("triton", True, True),
+    "mosaic triton+sparse": lambda: ours("triton", sparse=True),
+    "mosaic triton+sparse+lpLN": lambda: ours("triton", True, sparse=True),
+    "mosaic triton+sparse compile": lambda: ours("triton", sparse=True, compile=True),
     "HF BERT sdpa": hf_bert,
+    "HF BERT sdpa compile": compiled(hf_bert),
     "ModernBERT sdpa": modernbert,
+    "ModernBERT sdpa compile": compiled(modernbert),
 }
 
 
@@ -173,7 +192,8 @@ def run_long(args, results):
 
 
 def run_curve(args, results):
-    """Same init, data and order; low-precision vs fp32 LayerNorm; mean loss per 25-step window."""
+    """Same init, data and order: the fused Triton element-wise kernels against plain PyTorch ops, and
+    low-precision LayerNorm; mean loss per 25-step window."""
     import lzma
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)
@@ -184,9 +204,9 @@ def run_curve(args, results):
     seqs = torch.cat([torch.full((len(seqs), 1), 101), seqs, torch.full((len(seqs), 1), 102)], dim=1)
     g = torch.Generator().manual_seed(0)
     curves = {}
-    for low_precision in (False, True):
+    for name, fused, low_precision in (("unfused", False, False), ("fused", True, False), ("fused+lpLN", True, True)):
         torch.manual_seed(0)
-        model = ours("triton" if DEVICE == "cuda" else "torch", low_precision).to(DEVICE).train()
+        model = ours("triton" if DEVICE == "cuda" else "torch", low_precision, fused=fused).to(DEVICE).train()
         opt = torch.optim.AdamW(
             model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5, fused=True
         )
@@ -206,7 +226,7 @@ def run_curve(args, results):
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        curves["lpLN" if low_precision else "fp32LN"] = [
+        curves[name] = [
             round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)
         ]
     row = dict(batch="curve", **curves)
@@ -220,7 +240,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="substrings of variant names to run")
     parser.add_argument("--long", action="store_true")
-    parser.add_argument("--curve", help="a .txt.xz corpus file for the LayerNorm loss-curve comparison")
+    parser.add_argument("--curve", help="a .txt.xz corpus file for the fused/unfused loss-curve comparison")
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run on tiny batches")
@@ -229,10 +249,8 @@ def main():
     if args.smoke:
         DEVICE, SMOKE = "cpu", True
         args.steps, args.warmup, args.curve_steps = 1, 0, 2
-        VARIANTS.pop("mosaic triton", None)
-        VARIANTS.pop("mosaic triton+lpLN", None)
-        VARIANTS["mosaic plain+lpLN+compile"] = lambda: ours("torch", True, True)
-        VARIANTS.pop("mosaic triton+lpLN+compile", None)
+        for name in [n for n in VARIANTS if "triton" in n or "compile" in n]:
+            VARIANTS.pop(name)
     torch.backends.cuda.matmul.allow_tf32 = True
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{device_name} torch {torch.__version__} transformers {transformers.__version__}")
