@@ -18,8 +18,8 @@ for every row, so from its second row on dynamo recompiles with dynamic shapes (
 
 Host syncs: for each eager model and row, one forward runs under `torch.cuda.set_sync_debug_mode("warn")` and the
 warnings it raises are counted (`count_host_syncs`); the JSON lists where in the code they come from. The debug
-mode sees blocking copies to the host (`.item()`, `.tolist()`, `nonzero`, boolean indexing) and explicit
-synchronizes; it does not see a host wait on a pinned non-blocking copy's event.
+mode sees blocking copies to the host (`.item()`, `.tolist()`, `.cpu()`, `nonzero`, boolean indexing) and stream
+synchronizes; it does not see `torch.cuda.synchronize()` or a host wait on an event.
 """
 
 import argparse
