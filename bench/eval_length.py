@@ -76,8 +76,7 @@ def evaluate(model, spans, corrupted, scored, length, cls_id, sep_id, batch_toke
     windows = span_len // w
     # (n, windows, w) -> (n * windows, w): consecutive windows of each span; the tail that no window covers is dropped
     cut = windows * w
-    rows = lambda x: x[:, :cut].reshape(n * windows, w)  # noqa: E731
-    ids, targets, keep = rows(corrupted), rows(spans), rows(scored)
+    ids, targets, keep = (x[:, :cut].reshape(n * windows, w) for x in (corrupted, spans, scored))
     cls = torch.full((len(ids), 1), cls_id)
     sep = torch.full((len(ids), 1), sep_id)
     ids = torch.cat([cls, ids, sep], dim=1)
@@ -102,7 +101,8 @@ def evaluate(model, spans, corrupted, scored, length, cls_id, sep_id, batch_toke
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO), help="model folder or Hub id (default: this folder)")
-    parser.add_argument("--data", required=True, help="held-out text: .txt or .txt.xz, documents separated by blank lines")
+    parser.add_argument("--data", required=True,
+                        help="held-out text: .txt or .txt.xz, documents separated by blank lines")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--tokens", type=int, default=65536, help="text tokens evaluated at every length")
     parser.add_argument("--mlm-probability", type=float, default=0.15)

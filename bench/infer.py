@@ -217,14 +217,14 @@ def run_variant(name, build, row_names, args, results):
             entry.update(ms=seconds * 1e3, tok_s=real_tokens / seconds, warmup_s=warmup_s)
             if forward is module:  # eager: count the syncs of one (already warm) forward
                 with torch.inference_mode():
-                    syncs, where = count_host_syncs(lambda: forward(**batch))
+                    syncs, where = count_host_syncs(lambda batch=batch: forward(**batch))
                 entry.update(host_syncs=syncs, sync_sites=dict(where))
         except Exception as e:
             traceback.print_exc()
             entry["error"] = f"{type(e).__name__}: {e}"[:300]
         print(json.dumps(entry), flush=True)
         results.append(entry)
-    del module, forward
+    module = forward = None  # free the GPU memory before the next model
     print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     torch._dynamo.reset()
     if DEVICE == "cuda":

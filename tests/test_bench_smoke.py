@@ -7,16 +7,16 @@ import sys
 import warnings
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-import infer  # noqa: E402
+import infer
 
 
 def run(args, tmp_path, timeout=300):
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -54,7 +54,7 @@ def test_sync_count_is_none_without_cuda(monkeypatch):
 
 
 def test_eval_length_prints_one_row_per_length(tmp_path):
-    words = "the cat sat on the mat while a dog slept on the rug near the door of the old house".split()
+    words = "the cat sat on the mat while a dog slept on the rug near the door of the old house".split()  # noqa: SIM905
     documents = [" ".join(words[(i + j) % len(words)] for j in range(300)) for i in range(4)]
     data = tmp_path / "valid.txt"
     data.write_text("\n\n".join(documents) + "\n")

@@ -11,15 +11,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 from test_readme import model_folder
 
-BLOCKS = re.findall(r"```py\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+BLOCKS = re.findall(r"```py\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
 
 
 def top_level_imports(block):
-    return sorted({m.split(".")[0] for m in re.findall(r"^(?:from|import) ([\w.]+)", block, flags=re.M)})
+    return sorted({m.split(".")[0] for m in re.findall(r"^(?:from|import) ([\w.]+)", block, flags=re.MULTILINE)})
 
 
 def test_readme_has_the_tool_snippets():
