@@ -54,7 +54,7 @@ def test_sync_count_is_none_without_cuda(monkeypatch):
 
 
 def test_eval_length_prints_one_row_per_length(tmp_path):
-    words = "the cat sat on the mat while a dog slept on the rug near the door of the old house".split()  # noqa: SIM905
+    words = "the cat sat on the mat while a dog slept on the rug near the door of the old house".split()
     documents = [" ".join(words[(i + j) % len(words)] for j in range(300)) for i in range(4)]
     data = tmp_path / "valid.txt"
     data.write_text("\n\n".join(documents) + "\n")
