@@ -223,7 +223,7 @@ def dense_attention(qkv, sequences: DenseSequences, slopes, dropout_p=0.0):
     q, k, v = x.view(b, s, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, s, d)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + sequences.bias(slopes, x.dtype)
     probs = torch.softmax(scores, dim=-1) * sequences.valid[:, None, :, None].to(x.dtype)  # (b, h, s, s)
-    out = torch.matmul(F.dropout(probs, p=dropout_p), v).transpose(1, 2)  # (b, s, h, d)
+    out = torch.matmul(F.dropout(probs, p=dropout_p, training=dropout_p > 0), v).transpose(1, 2)  # (b, s, h, d)
     return out.reshape(b * s, heads, head_dim).to(qkv.dtype), probs
 
 

@@ -37,14 +37,15 @@ import torch.nn.functional as F
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_package(root=REPO_ROOT, name="mosaic_bert_checkout"):
+def import_package(root=REPO_ROOT):
     """The model folder as a Python package, so that its modules (which import each other relatively, as
     transformers loads them) import as a user's code would see them. Returns (modeling_bert, flash_attn_triton)."""
-    if name not in sys.modules:
-        package = types.ModuleType(name)
+    if "mosaic_bert_checkout" not in sys.modules:
+        package = types.ModuleType("mosaic_bert_checkout")
         package.__path__ = [root]
-        sys.modules[name] = package
-    return importlib.import_module(f"{name}.modeling_bert"), importlib.import_module(f"{name}.flash_attn_triton")
+        sys.modules["mosaic_bert_checkout"] = package
+    return (importlib.import_module("mosaic_bert_checkout.modeling_bert"),
+            importlib.import_module("mosaic_bert_checkout.flash_attn_triton"))
 
 
 modeling_bert, flash_attn_triton = import_package()

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))

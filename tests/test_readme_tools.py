@@ -11,8 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 from test_readme import model_folder
+
+from conftest import REPO
 
 BLOCKS = re.findall(r"```py\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
 

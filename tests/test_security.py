@@ -20,7 +20,7 @@ NETWORK_MODULES = {"socket", "requests", "urllib", "http", "httpx", "aiohttp", "
 FETCHING_CALLS = {"from_pretrained", "load_dataset", "hf_hub_download", "snapshot_download", "urlopen", "pipeline"}
 # torch.load without weights_only=True, allowed only behind an explicit opt-in, with the reason.
 UNSAFE_LOAD_ALLOWED = {
-    ("convert/convert_checkpoint.py", "_torch_load"): "weights_only=False only with --unsafe_pickle (off by default), "
+    ("convert/convert_checkpoint.py", "_torch_load"): "weights_only=False only with --unsafe-pickle (off by default), "
     "for full Composer checkpoints the user trusts; weights_only=True is tried first",
 }
 
@@ -74,9 +74,16 @@ def test_no_pickle_loading(path):
 
 
 def test_unsafe_pickle_opt_in_is_off_by_default():
-    text = (REPO / "convert" / "convert_checkpoint.py").read_text()
-    assert '"--unsafe_pickle", action="store_true"' in text
-    assert "weights_only=True" in text
+    import importlib.util
+
+    path = REPO / "convert" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_for_security_test", path)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    args = converter.build_parser().parse_args(["--input", "in", "--output", "out"])
+    assert args.unsafe_pickle is False
+    assert converter.build_parser().parse_args(["--input", "in", "--output", "out", "--unsafe-pickle"]).unsafe_pickle
+    assert "weights_only=True" in path.read_text()
 
 
 @pytest.mark.parametrize("path", SCANNED, ids=rel)
