@@ -87,12 +87,23 @@ def _device_context(tensor):
 if HAS_TRITON:
 
     @triton.jit
+    def _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT: tl.constexpr):
+        """Per element: 0 where dropped, 1 / (1 - p) where kept (the same mask forward and backward)."""
+        if HAS_DROPOUT:
+            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
+            return tl.where(keep, scale, 0.0)
+        return 1.0
+
+    @triton.jit
     def _gated_gelu_fwd_kernel(
         X,  # (t, 2 * i); row stride stride_xt, columns contiguous
         Out,  # (t, i) contiguous
+        Seed,  # (1,) int64 Philox seed (read only with HAS_DROPOUT)
         stride_xt, stride_ot,
         inter,  # i
+        dropout_p, scale,  # drop probability of the output and 1 / (1 - p)
         BLOCK_N: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr,
     ):
         # Grid: (t, column blocks of i). One program: BLOCK_N gate columns and the BLOCK_N value columns i apart.
         row = tl.program_id(0).to(tl.int64)
@@ -102,16 +113,20 @@ if HAS_TRITON:
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))  # erf(g / sqrt(2))
-        tl.store(Out + row * stride_ot + cols, (gelu * value).to(Out.dtype.element_ty), mask=mask)
+        out = gelu * value * _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT=HAS_DROPOUT)
+        tl.store(Out + row * stride_ot + cols, out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gated_gelu_bwd_kernel(
         DOut,  # (t, i); row stride stride_gt (may be 0 for a broadcast gradient), columns contiguous
         X,  # (t, 2 * i); row stride stride_xt, columns contiguous
         DX,  # (t, 2 * i) contiguous: d_gate in the first i columns, d_value in the last i
+        Seed,  # (1,) int64, the forward's seed (read only with HAS_DROPOUT)
         stride_gt, stride_xt, stride_dxt,
         inter,
+        dropout_p, scale,
         BLOCK_N: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,6 +135,8 @@ if HAS_TRITON:
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
+        # the dropout mask is regenerated from the seed, never stored
+        grad = grad * _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT=HAS_DROPOUT)
         # GELU is recomputed, not stored: d/dg [g * Phi(g)] = Phi(g) + g * phi(g).
         cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))  # Phi(g) = (1 + erf(g / sqrt(2))) / 2
         pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -248,8 +265,9 @@ def _layer_norm_launch_config(n_cols):
     return block, 1 if _INTERPRET else min(max(block // 256, 1), 8)
 
 
-def _gated_gelu_forward(x):
-    """x: (..., 2 * i) fp16/bf16/fp32, columns contiguous (rows may be strided). Returns (..., i) in x's dtype."""
+def _gated_gelu_forward(x, seed=None, dropout_p=0.0):
+    """x: (..., 2 * i) fp16/bf16/fp32, columns contiguous (rows may be strided); seed: (1,) int64 on x's device,
+    or None when dropout_p == 0. Returns dropout(GELU(gate) * value): (..., i) in x's dtype."""
     _require_triton()
     inter = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
@@ -259,13 +277,15 @@ def _gated_gelu_forward(x):
     block, num_warps = _gelu_launch_config(inter)
     with _device_context(x):
         _gated_gelu_fwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK_N=block, num_warps=num_warps,
+            x2, out2, x2 if seed is None else seed, x2.stride(0), out2.stride(0), inter, dropout_p,
+            _dropout_scale(dropout_p), BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
         )
     return out
 
 
-def _gated_gelu_backward(grad_out, x):
-    """grad_out: (..., i), x: (..., 2 * i). Returns d_x: (..., 2 * i) in x's dtype, written in one pass."""
+def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
+    """grad_out: (..., i), x: (..., 2 * i), the forward's seed. Returns d_x: (..., 2 * i) in x's dtype, written in
+    one pass."""
     _require_triton()
     inter = x.shape[-1] // 2
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -275,7 +295,8 @@ def _gated_gelu_backward(grad_out, x):
     block, num_warps = _gelu_launch_config(inter)
     with _device_context(x):
         _gated_gelu_bwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            g2, x2, dx2, g2.stride(0), x2.stride(0), dx2.stride(0), inter, BLOCK_N=block, num_warps=num_warps,
+            g2, x2, dx2, x2 if seed is None else seed, g2.stride(0), x2.stride(0), dx2.stride(0), inter, dropout_p,
+            _dropout_scale(dropout_p), BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
         )
     return dx
 
@@ -362,28 +383,31 @@ def _op_defined(name):
 if _HAS_CUSTOM_OP and not _op_defined("gated_gelu_fwd"):
 
     @torch.library.custom_op("mosaic_bert::gated_gelu_fwd", mutates_args=())
-    def _gated_gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
-        return _gated_gelu_forward(x)
+    def _gated_gelu_fwd_op(x: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        return _gated_gelu_forward(x, seed, dropout_p)
 
     @_gated_gelu_fwd_op.register_fake
-    def _(x):
+    def _(x, seed, dropout_p):
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
     @torch.library.custom_op("mosaic_bert::gated_gelu_bwd", mutates_args=())
-    def _gated_gelu_bwd_op(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _gated_gelu_backward(grad_out, x)
+    def _gated_gelu_bwd_op(
+        grad_out: torch.Tensor, x: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float
+    ) -> torch.Tensor:
+        return _gated_gelu_backward(grad_out, x, seed, dropout_p)
 
     @_gated_gelu_bwd_op.register_fake
-    def _(grad_out, x):
+    def _(grad_out, x, seed, dropout_p):
         return torch.empty_like(x)
 
     def _gated_gelu_setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x)
+        x, seed, dropout_p = inputs
+        ctx.save_for_backward(x, seed)
+        ctx.dropout_p = dropout_p
 
     def _gated_gelu_autograd_backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x)
+        x, seed = ctx.saved_tensors
+        return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x, seed, ctx.dropout_p), None, None
 
     _gated_gelu_fwd_op.register_autograd(_gated_gelu_autograd_backward, setup_context=_gated_gelu_setup_context)
 
@@ -454,13 +478,22 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
-def gated_gelu(x, use_triton=None):
-    """GELU(gate) * value for the gated-linear-unit MLP, with the exact (erf) GELU.
+def _dropout_seed(dropout_p, x):
+    # Drawn on the device by torch's generator: follows torch.manual_seed and the RNG state that activation
+    # checkpointing restores, without a device-to-host copy.
+    return torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if dropout_p > 0.0 else None
+
+
+def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
+    """dropout(GELU(gate) * value) for the gated-linear-unit MLP, with the exact (erf) GELU.
 
     Args:
         x (`torch.Tensor` of shape `(..., 2 * intermediate_size)`): a Linear output, the gate in the first half of
             the last dimension and the value in the second; fp16/bf16/fp32. Read in place (no split copies); the
             last dimension must be contiguous for the kernel (rows may be strided), else it is copied.
+        dropout_p (`float`): drop probability of the output, applied only when `training`; kept elements are
+            scaled by 1 / (1 - dropout_p). The kernel regenerates the mask from a Philox seed in the backward.
+        training (`bool`): dropout on or off.
         use_triton (`bool`, *optional*): None takes the Triton kernel for CUDA tensors when triton is installed
             (see `DEFAULT_USE_TRITON`), True forces it (CPU needs `TRITON_INTERPRET=1`), False uses PyTorch ops.
 
@@ -470,11 +503,15 @@ def gated_gelu(x, use_triton=None):
     """
     if x.shape[-1] % 2 != 0:
         raise ValueError(f"gated_gelu needs an even last dimension (gate and value halves), got {x.shape[-1]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    dropout_p = float(dropout_p) if training else 0.0
     if _take_triton(use_triton, x, x.dtype in _SUPPORTED_DTYPES):
-        return torch.ops.mosaic_bert.gated_gelu_fwd(x)
+        return torch.ops.mosaic_bert.gated_gelu_fwd(x, _dropout_seed(dropout_p, x), dropout_p)
     # reference path: what the kernel computes, in PyTorch ops
     gate, value = x.split(x.shape[-1] // 2, dim=-1)
-    return F.gelu(gate, approximate="none") * value
+    out = F.gelu(gate, approximate="none") * value
+    return F.dropout(out, dropout_p, training=True) if dropout_p > 0.0 else out
 
 
 def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,
@@ -518,9 +555,7 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     dtypes = (x.dtype, weight.dtype, bias.dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
     supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
     if _take_triton(use_triton, x, supported):
-        # Drawn on the device by torch's generator: follows torch.manual_seed and the RNG state that activation
-        # checkpointing restores, without a device-to-host copy.
-        seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if dropout_p > 0.0 else None
+        seed = _dropout_seed(dropout_p, x)
         out, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
             x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype
         )

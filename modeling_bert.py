@@ -664,7 +664,7 @@ class BertUnpadAttention(nn.Module):
 
 
 class BertGatedLinearUnitMLP(nn.Module):
-    """Gated-GELU MLP: GELU(x W_g) * (x W_v) (one fused pass), dropout, W_o, then residual + post-LayerNorm."""
+    """Gated-GELU MLP: dropout(GELU(x W_g) * (x W_v)) in one fused pass, W_o, then residual + post-LayerNorm."""
 
     def __init__(self, config):
         super().__init__()
@@ -674,8 +674,9 @@ class BertGatedLinearUnitMLP(nn.Module):
         self.layernorm = layer_norm(config)
 
     def forward(self, hidden_states):
-        glu = gated_gelu(self.gated_layers(hidden_states))  # (t, 2 * intermediate) -> (t, intermediate)
-        return self.layernorm(self.wo(self.dropout(glu)), hidden_states)
+        # (t, 2 * intermediate) -> (t, intermediate), dropout in the same pass
+        glu = gated_gelu(self.gated_layers(hidden_states), dropout_p=self.dropout.p, training=self.training)
+        return self.layernorm(self.wo(glu), hidden_states)
 
 
 class BertLayer(GradientCheckpointingLayer):

@@ -140,6 +140,9 @@ def test_symbolic_max_seqlen_from_padded_width():
 
 
 def test_compiled_too_small_max_seqlen_raises():
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the check is a device-side assert, which ends the process's CUDA context: "
+                    "tests/test_flash_attn.py::test_gpu_max_seqlen_too_small_stops_the_device runs it in a subprocess")
     qkv, cu, slopes = packed_inputs()
     compiled = torch.compile(packed_attention, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=r"max_seqlen is below the longest sequence"):

@@ -304,6 +304,31 @@ def test_dropout_p_one_drops_everything(use_triton):
     assert_close(out, layer_norm_reference(torch.zeros_like(x), residual, weight, bias, 1e-5), torch.float32)
 
 
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_gelu_dropout_forward_and_backward_agree_on_the_mask(use_triton, dtype):
+    # dropout(GELU(gate) * value): the kept elements are the reference scaled by 1 / (1 - p), the dropped ones
+    # zero, and the backward (which regenerates the mask) gives the reference gradient through that same mask.
+    p, rows, inter = 0.3, 19, 40
+    x = rand(rows, 2 * inter, dtype=dtype, seed=4).requires_grad_()
+    torch.manual_seed(5)
+    out = gated_gelu(x, dropout_p=p, training=True, use_triton=use_triton)
+    ref = gated_gelu_reference(x.detach())
+    keep = out != 0
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.06
+    assert_close(out, torch.where(keep, ref / (1 - p), torch.zeros_like(ref)), dtype, "out")
+    grad_out = rand(rows, inter, seed=6).to(dtype)
+    (dx,) = torch.autograd.grad(out, x, grad_out)
+    x64 = x.detach().double().requires_grad_()
+    masked = torch.where(keep, gated_gelu_reference(x64) / (1 - p), torch.zeros((), dtype=torch.float64))
+    (dx_ref,) = torch.autograd.grad(masked, x64, grad_out.double())
+    assert_close(dx, dx_ref, dtype, "d_x")
+    torch.manual_seed(5)
+    assert torch.equal(gated_gelu(x, dropout_p=p, training=True, use_triton=use_triton), out)  # same seed
+    assert torch.equal(gated_gelu(x, dropout_p=p, training=False, use_triton=use_triton),
+                       gated_gelu(x, use_triton=use_triton))
+
+
 @requires_kernels
 def test_backward_is_deterministic():
     inputs = leaves(*ln_inputs(33, 48, torch.float32, residual_dtype=torch.float32))
