@@ -87,14 +87,6 @@ def _device_context(tensor):
 if HAS_TRITON:
 
     @triton.jit
-    def _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT: tl.constexpr):
-        """Per element: 0 where dropped, 1 / (1 - p) where kept (the same mask forward and backward)."""
-        if HAS_DROPOUT:
-            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
-            return tl.where(keep, scale, 0.0)
-        return 1.0
-
-    @triton.jit
     def _gated_gelu_fwd_kernel(
         X,  # (t, 2 * i); row stride stride_xt, columns contiguous
         Out,  # (t, i) contiguous
@@ -113,7 +105,10 @@ if HAS_TRITON:
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))  # erf(g / sqrt(2))
-        out = gelu * value * _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT=HAS_DROPOUT)
+        out = gelu * value
+        if HAS_DROPOUT:  # Philox offset row * i + column: the backward regenerates the same mask
+            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
+            out = tl.where(keep, out * scale, 0.0)
         tl.store(Out + row * stride_ot + cols, out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -135,8 +130,9 @@ if HAS_TRITON:
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
-        # the dropout mask is regenerated from the seed, never stored
-        grad = grad * _glu_dropout_scale(Seed, row, cols, inter, dropout_p, scale, HAS_DROPOUT=HAS_DROPOUT)
+        if HAS_DROPOUT:  # the forward's mask, regenerated from the seed, never stored
+            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
+            grad = tl.where(keep, grad * scale, 0.0)
         # GELU is recomputed, not stored: d/dg [g * Phi(g)] = Phi(g) + g * phi(g).
         cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))  # Phi(g) = (1 + erf(g / sqrt(2))) / 2
         pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1 / sqrt(2 pi)

@@ -266,7 +266,7 @@ def sync_summary(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", help="run the variants whose names contain one of these")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--rows", nargs="*", help="run the rows whose names contain one of these")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
@@ -291,7 +291,7 @@ def main():
     rows = [r for r in ROWS if not args.rows or any(s in r for s in args.rows)]
     results = []
     for name, (build, which) in VARIANTS.items():
-        if args.only and not any(s in name for s in args.only):
+        if args.only and name not in args.only:
             continue
         row_names = [r for r in rows if which == "all" or ROWS[r][0] == "latency"]
         if row_names:

@@ -79,8 +79,14 @@ def test_long_sequence_memory_is_linear():
     assert peaks[1] < 6 * peaks[0], peaks
 
 
+class Syncs(list):
+    """Where fn() synchronized with the device ('file:line' of each), from CUDA's sync debug mode."""
+
+    def __eq__(self, count):
+        return len(self) == count
+
+
 def _count_syncs(fn):
-    """Device-to-host synchronizations made by fn(), counted with CUDA's sync debug mode."""
     import warnings
 
     torch.cuda.synchronize()
@@ -91,7 +97,8 @@ def _count_syncs(fn):
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    # (not the one-time "Synchronization debug mode is a prototype feature" notice)
+    return Syncs(f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message))
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -110,7 +117,8 @@ def test_training_step_reads_the_device_once(padded):
         loss.backward()
 
     step()  # compile the kernels first
-    assert _count_syncs(step) == 1
+    syncs = _count_syncs(step)
+    assert syncs == 1, syncs
 
 
 def test_inference_forward_reads_the_device_once():
@@ -119,7 +127,8 @@ def test_inference_forward_reads_the_device_once():
     ids, mask = ragged_batch([1, 50, 128], 1000, device="cuda")
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask)
-        assert _count_syncs(lambda: model(input_ids=ids, attention_mask=mask)) == 1
+        syncs = _count_syncs(lambda: model(input_ids=ids, attention_mask=mask))
+    assert syncs == 1, syncs
 
 
 def test_fullgraph_compile_with_the_kernels_matches_eager():
