@@ -1,7 +1,7 @@
 """Encoder inference speed on one GPU in bf16: MosaicBERT-base against transformers' BERT-base and ModernBERT-base.
 
     python bench/infer.py                          # the table and bench/results/infer_<gpu>_<date>.json
-    python bench/infer.py --only mosaic "BERT sdpa" --rows fixed latency
+    python bench/infer.py --only "mosaic eager" "BERT sdpa eager" --rows fixed latency
     python bench/infer.py --smoke                  # CPU dry run of every code path (tests/test_bench_smoke.py)
 
 Every model is the encoder (`AutoModel`, no head) at random init, cast to bf16, and runs under `inference_mode` on
