@@ -63,22 +63,18 @@ _PLAIN_ATTENTION_SCORES = 1 << 26
 FLASH_ATTN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """The standard ALiBi slopes, (h,) float32.
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """The standard ALiBi slopes, (h,) float32, computed on `device` (no host-to-device copy).
 
     For a power of two n: 2^(-8/n), 2^(-16/n), ... Otherwise the slopes of the largest power of two p below n,
     followed by the first n - p of the even-indexed slopes of 2p heads.
     """
-
-    def power_of_two_slopes(n):
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (k + 1) for k in range(n)]
-
     p = 2 ** math.floor(math.log2(num_heads))
-    slopes = power_of_two_slopes(p)
-    if p < num_heads:
-        slopes += power_of_two_slopes(2 * p)[0::2][: num_heads - p]
-    return torch.tensor(slopes, dtype=torch.float32)
+    exponents = torch.arange(1, p + 1, device=device, dtype=torch.float64) * (-8.0 / p)
+    if p < num_heads:  # even-indexed slopes of 2p heads: exponents 1, 3, 5, ... of -8 / (2p)
+        extra = torch.arange(1, 2 * (num_heads - p), 2, device=device, dtype=torch.float64) * (-8.0 / (2 * p))
+        exponents = torch.cat([exponents, extra])
+    return torch.exp2(exponents).to(torch.float32)
 
 
 def exporting():
@@ -701,7 +697,7 @@ class BertEncoder(nn.Module):
     def slopes(self):
         # A dtype cast of the whole model (model.half()) also casts this buffer; the slopes stay exact in fp32.
         if self.alibi_slopes.dtype != torch.float32:
-            return alibi_slopes(self.config.num_attention_heads).to(self.alibi_slopes.device)
+            return alibi_slopes(self.config.num_attention_heads, device=self.alibi_slopes.device)
         return self.alibi_slopes
 
     def forward(self, hidden, layout, subset_idx=None, output_hidden_states=False, output_attentions=False):

@@ -44,15 +44,26 @@ def tiny_model(auto_class="AutoModelForMaskedLM", seed=0, **overrides):
     return cls.from_config(tiny_config(**overrides), trust_remote_code=True).eval()
 
 
+def _load_script(relative_path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_export_onnx = None
+
+
 def ragged_batch(lengths, vocab=99, seed=0, seqlen=None, device="cpu"):
-    """Random ids with right padding: (len(lengths), seqlen) ids (0 at padding) and the 0/1 mask."""
-    g = torch.Generator().manual_seed(seed)
-    seqlen = seqlen or max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), seqlen), generator=g)
-    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return (ids * mask).to(device), mask.to(device)
+    """Random ids with right padding: (len(lengths), seqlen) ids (0 at padding) and the 0/1 mask. The one
+    builder, shared with scripts/export_onnx.py (which also makes token types and left padding)."""
+    global _export_onnx
+    if _export_onnx is None:
+        _export_onnx = _load_script("scripts/export_onnx.py", "export_onnx_for_tests")
+    batch = _export_onnx.ragged_batch(lengths, vocab, seqlen=seqlen, seed=seed)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def package_module(model, name="modeling_bert"):
