@@ -506,7 +506,9 @@ def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
         return torch.ops.mosaic_bert.gated_gelu_fwd(x, _dropout_seed(dropout_p, x), dropout_p)
     # reference path: what the kernel computes, in PyTorch ops
     gate, value = x.split(x.shape[-1] // 2, dim=-1)
-    out = F.gelu(gate, approximate="none") * value
+    out = F.gelu(gate, approximate="none")
+    # in place when no graph is recorded: one fewer (t, intermediate) buffer to allocate and fault in
+    out = out * value if torch.is_grad_enabled() and x.requires_grad else out.mul_(value)
     return F.dropout(out, dropout_p, training=True) if dropout_p > 0.0 else out
 
 

@@ -93,6 +93,22 @@ def tracing():
 
 
 @dataclass
+class Bucket:
+    """Sequences of similar length that the plain path attends to in one call, padded to the longest, `length`.
+
+    `token_index` (n, L) are the rows of each slot's token (0 past a sequence's end) and `valid` (n, L) marks the
+    real slots. A bucket of n consecutive sequences of exactly `length` tokens (every fixed-length batch) has
+    neither: its tokens are rows `start ... start + n * length` in order, read as a view.
+    """
+
+    length: int
+    count: int
+    token_index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    start: int | None = None
+
+
+@dataclass
 class VarlenSequences:
     """Sequences as offsets into the unpadded token axis (flash-attn's varlen vocabulary).
 
@@ -103,12 +119,15 @@ class VarlenSequences:
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    buckets: list | None = None
+    buckets: list[Bucket] | None = None
     _bias: dict = field(default_factory=dict, repr=False)
 
     def build_buckets(self):
-        """Groups of sequences whose lengths lie within 20% of the group's longest: [(seq ids, L, tokens, valid)]."""
+        """Groups of sequences whose lengths lie within 20% of the group's longest, split to bound the scores."""
         seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        starts = [0]
+        for n in seqlens:
+            starts.append(starts[-1] + n)
         order = sorted((i for i, n in enumerate(seqlens) if n > 0), key=lambda i: -seqlens[i])
         groups = []
         for i in order:
@@ -122,24 +141,32 @@ class VarlenSequences:
         for ids, length in groups:
             per_chunk = max(1, _PLAIN_ATTENTION_SCORES // (length * length * 16))  # 16: heads of a large model
             for k in range(0, len(ids), per_chunk):
-                chunk = torch.tensor(ids[k : k + per_chunk], device=device)
-                starts, lengths = cu[chunk], cu[chunk + 1] - cu[chunk]
+                chunk = ids[k : k + per_chunk]
+                # sorted() is stable: sequences of one length keep their order, so adjacent ones stay adjacent
+                first = starts[chunk[0]]
+                if all(seqlens[i] == length and starts[i] == first + j * length for j, i in enumerate(chunk)):
+                    self.buckets.append(Bucket(length, len(chunk), start=first))
+                    continue
+                chunk = torch.tensor(chunk, device=device)
+                lengths = cu[chunk + 1] - cu[chunk]
                 offsets = torch.arange(length, device=device)
                 valid = offsets[None, :] < lengths[:, None]  # (n, L)
-                token_index = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # (n, L)
-                self.buckets.append((length, token_index, valid))
+                token_index = torch.where(valid, cu[chunk][:, None] + offsets[None, :], 0)  # (n, L)
+                self.buckets.append(Bucket(length, len(chunk), token_index, valid))
 
     def bias(self, bucket_id, slopes, dtype):
-        """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype`, cached across layers."""
+        """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype` ((1, h, L, L) for a bucket without
+        padding), cached across layers."""
         key = (bucket_id, dtype)
         if key not in self._bias:
-            length, _, valid = self.buckets[bucket_id]
-            pos = torch.arange(length, device=slopes.device)
+            bucket = self.buckets[bucket_id]
+            pos = torch.arange(bucket.length, device=slopes.device)
             distance = (pos[None, :] - pos[:, None]).abs().to(torch.float32)  # (L, L)
-            alibi = -slopes.float()[:, None, None] * distance  # (h, L, L)
-            pad = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
-            pad.masked_fill_(~valid, float("-inf"))
-            self._bias[key] = (alibi[None] + pad[:, None, None, :]).to(dtype)
+            bias = -slopes.float()[None, :, None, None] * distance  # (1, h, L, L)
+            if bucket.valid is not None:
+                pad = torch.zeros(bucket.valid.shape, dtype=torch.float32, device=bucket.valid.device)
+                bias = bias + pad.masked_fill_(~bucket.valid, float("-inf"))[:, None, None, :]
+            self._bias[key] = bias.to(dtype)
         return self._bias[key]
 
 
@@ -193,16 +220,26 @@ def torch_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
     bucket's longest sequence). Slots past a sequence's end are zeros, so nothing (not even a NaN) crosses from
     one sequence into another."""
     total, _, heads, head_dim = qkv.shape
+    compute_dtype = _compute_dtype(qkv.dtype)
     values, token_ids = [], []
-    for bucket_id, (length, token_index, valid) in enumerate(sequences.buckets):
-        n = token_index.shape[0]
-        x = qkv.index_select(0, token_index.flatten()).view(n, length, 3, heads, head_dim)
-        x = torch.where(valid[:, :, None, None, None], x, 0).to(_compute_dtype(qkv.dtype))
-        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
-        bias = sequences.bias(bucket_id, slopes, x.dtype)  # (n, h, L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-        values.append(out.transpose(1, 2)[valid])  # (tokens of the bucket, h, d)
-        token_ids.append(token_index[valid])
+    for bucket_id, bucket in enumerate(sequences.buckets):
+        n, length = bucket.count, bucket.length
+        if bucket.valid is None:  # consecutive full-length sequences: a view of the rows, no gather
+            x = qkv[bucket.start : bucket.start + n * length].view(n, length, 3, heads, head_dim)
+        else:
+            x = qkv.index_select(0, bucket.token_index.flatten()).view(n, length, 3, heads, head_dim)
+            x = torch.where(bucket.valid[:, :, None, None, None], x, 0)
+        q, k, v = x.to(compute_dtype).permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
+        bias = sequences.bias(bucket_id, slopes, compute_dtype)  # (n or 1, h, L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p).transpose(1, 2)
+        if bucket.valid is None:
+            if n * length == total:  # the only bucket: every token in order
+                return out.reshape(total, heads, head_dim).to(qkv.dtype), None
+            values.append(out.reshape(n * length, heads, head_dim))
+            token_ids.append(torch.arange(bucket.start, bucket.start + n * length, device=qkv.device))
+        else:
+            values.append(out[bucket.valid])  # (tokens of the bucket, h, d)
+            token_ids.append(bucket.token_index[bucket.valid])
     return index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype), None
 
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from conftest import REPO, package_module, ragged_batch, tiny_config, tiny_model
-from reference import closed_form_slopes, reference_encoder, reference_mlm_logits
+from reference import closed_form_slopes, reference_encoder, reference_mlm_logits, varlen_attention
 
 
 def assert_close_rel(actual, expected, rtol=1e-5):
@@ -464,3 +464,31 @@ def test_low_precision_layernorm_runs_in_autocast_dtype_only_under_autocast():
         ref = plain(input_ids=ids, attention_mask=mask).logits
     assert torch.isfinite(out.float()).all()
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7], [7, 7, 3, 7, 7], [5, 9, 9, 2, 9], [4, 4, 0, 4]])
+def test_plain_attention_over_every_bucket_kind_matches_float64(lengths):
+    """Runs of equal full-length sequences are read as views, the rest gathered into padded buckets; either way
+    the output and gradients equal per-sequence float64 attention, with a NaN in one sequence kept to itself."""
+    mb = package_module(tiny_model())
+    heads, head_dim, total = 4, 8, sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    sequences = mb.VarlenSequences(cu, max(lengths))
+    sequences.build_buckets()
+    kinds = {bucket.valid is None for bucket in sequences.buckets}
+    assert kinds == ({True} if len(set(lengths) - {0}) == 1 else {True, False}), sequences.buckets
+    slopes = mb.alibi_slopes(heads)
+    qkv = torch.randn(total, 3, heads, head_dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out, _ = mb.torch_attention(qkv, sequences, slopes)
+    qkv64 = qkv.detach().double().requires_grad_()
+    expected = varlen_attention(*qkv64.unbind(1), cu, cu, alibi_slopes=slopes.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    torch.testing.assert_close(qkv.grad.double(), qkv64.grad, atol=1e-5, rtol=1e-5)
+
+    poisoned = qkv.detach().clone()
+    poisoned[cu[1] - 1] = float("nan")  # a token of sequence 0
+    out, _ = mb.torch_attention(poisoned, sequences, slopes)
+    assert out[: cu[1]].isnan().any() and not out[cu[1] :].isnan().any()
