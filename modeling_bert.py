@@ -97,15 +97,19 @@ class Bucket:
     """Sequences of similar length that the plain path attends to in one call, padded to the longest, `length`.
 
     `token_index` (n, L) are the rows of each slot's token (0 past a sequence's end) and `valid` (n, L) marks the
-    real slots. A bucket of n consecutive sequences of exactly `length` tokens (every fixed-length batch) has
-    neither: its tokens are rows `start ... start + n * length` in order, read as a view.
+    real slots; `slot_seq`, `slot_pos` and `rows` (m,) list the m real slots and their token rows, so no layer
+    indexes with a mask. A bucket of n consecutive sequences of exactly `length` tokens (every fixed-length batch)
+    has none of these: its tokens are rows `start ... start + n * length` in order, read as a view.
     """
 
     length: int
     count: int
+    start: int | None = None
     token_index: torch.Tensor | None = None
     valid: torch.Tensor | None = None
-    start: int | None = None
+    slot_seq: torch.Tensor | None = None
+    slot_pos: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -136,7 +140,6 @@ class VarlenSequences:
             else:
                 groups.append(([i], seqlens[i]))
         device = self.cu_seqlens.device
-        cu = self.cu_seqlens.long()
         self.buckets = []
         for ids, length in groups:
             per_chunk = max(1, _PLAIN_ATTENTION_SCORES // (length * length * 16))  # 16: heads of a large model
@@ -145,14 +148,17 @@ class VarlenSequences:
                 # sorted() is stable: sequences of one length keep their order, so adjacent ones stay adjacent
                 first = starts[chunk[0]]
                 if all(seqlens[i] == length and starts[i] == first + j * length for j, i in enumerate(chunk)):
-                    self.buckets.append(Bucket(length, len(chunk), start=first))
+                    self.buckets.append(Bucket(length, len(chunk), first))
                     continue
-                chunk = torch.tensor(chunk, device=device)
-                lengths = cu[chunk + 1] - cu[chunk]
-                offsets = torch.arange(length, device=device)
+                # built on the host from the lengths read above, then copied: no further device read
+                lengths = torch.tensor([seqlens[i] for i in chunk])
+                offsets = torch.arange(length)
                 valid = offsets[None, :] < lengths[:, None]  # (n, L)
-                token_index = torch.where(valid, cu[chunk][:, None] + offsets[None, :], 0)  # (n, L)
-                self.buckets.append(Bucket(length, len(chunk), token_index, valid))
+                token_index = torch.where(valid, torch.tensor([starts[i] for i in chunk])[:, None] + offsets, 0)
+                slot_seq, slot_pos = valid.nonzero(as_tuple=True)
+                rows = token_index[slot_seq, slot_pos]
+                tensors = (token_index, valid, slot_seq, slot_pos, rows)
+                self.buckets.append(Bucket(length, len(chunk), None, *(t.to(device) for t in tensors)))
 
     def bias(self, bucket_id, slopes, dtype):
         """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype` ((1, h, L, L) for a bucket without
@@ -228,18 +234,18 @@ def torch_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
             x = qkv[bucket.start : bucket.start + n * length].view(n, length, 3, heads, head_dim)
         else:
             x = qkv.index_select(0, bucket.token_index.flatten()).view(n, length, 3, heads, head_dim)
-            x = torch.where(bucket.valid[:, :, None, None, None], x, 0)
+            x = x.masked_fill_(~bucket.valid[:, :, None, None, None], 0)  # a fresh copy: filled in place
         q, k, v = x.to(compute_dtype).permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, L, d)
         bias = sequences.bias(bucket_id, slopes, compute_dtype)  # (n or 1, h, L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (n, h, L, d)
         if bucket.valid is None:
             if n * length == total:  # the only bucket: every token in order
-                return out.reshape(total, heads, head_dim).to(qkv.dtype), None
-            values.append(out.reshape(n * length, heads, head_dim))
+                return out.transpose(1, 2).reshape(total, heads, head_dim).to(qkv.dtype), None
+            values.append(out.transpose(1, 2).reshape(n * length, heads, head_dim))
             token_ids.append(torch.arange(bucket.start, bucket.start + n * length, device=qkv.device))
         else:
-            values.append(out[bucket.valid])  # (tokens of the bucket, h, d)
-            token_ids.append(bucket.token_index[bucket.valid])
+            values.append(out[bucket.slot_seq, :, bucket.slot_pos])  # (m, h, d): the real slots, one gather
+            token_ids.append(bucket.rows)
     return index_put_first_axis(torch.cat(values), torch.cat(token_ids), total).to(qkv.dtype), None
 
 
