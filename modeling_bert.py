@@ -139,8 +139,7 @@ class VarlenSequences:
                 groups[-1][0].append(i)
             else:
                 groups.append(([i], seqlens[i]))
-        device = self.cu_seqlens.device
-        self.buckets = []
+        self.buckets, gathered = [], []
         for ids, length in groups:
             per_chunk = max(1, _PLAIN_ATTENTION_SCORES // (length * length * 16))  # 16: heads of a large model
             for k in range(0, len(ids), per_chunk):
@@ -150,15 +149,23 @@ class VarlenSequences:
                 if all(seqlens[i] == length and starts[i] == first + j * length for j, i in enumerate(chunk)):
                     self.buckets.append(Bucket(length, len(chunk), first))
                     continue
-                # built on the host from the lengths read above, then copied: no further device read
+                # built on the host from the lengths read above
                 lengths = torch.tensor([seqlens[i] for i in chunk])
                 offsets = torch.arange(length)
                 valid = offsets[None, :] < lengths[:, None]  # (n, L)
                 token_index = torch.where(valid, torch.tensor([starts[i] for i in chunk])[:, None] + offsets, 0)
                 slot_seq, slot_pos = valid.nonzero(as_tuple=True)
-                rows = token_index[slot_seq, slot_pos]
-                tensors = (token_index, valid, slot_seq, slot_pos, rows)
-                self.buckets.append(Bucket(length, len(chunk), None, *(t.to(device) for t in tensors)))
+                self.buckets.append(Bucket(length, len(chunk)))
+                gathered.append((token_index, valid, slot_seq, slot_pos, token_index[slot_seq, slot_pos]))
+        if gathered:  # every bucket's index tensors reach the device in one copy
+            host = [t for tensors in gathered for t in tensors]
+            flat = torch.cat([t.flatten().long() for t in host]).to(self.cu_seqlens.device)
+            parts = iter(flat.split([t.numel() for t in host]))
+            for bucket in (b for b in self.buckets if b.start is None):
+                token_index, valid, slot_seq, slot_pos, rows = (next(parts) for _ in range(5))
+                n, length = bucket.count, bucket.length
+                bucket.token_index, bucket.valid = token_index.view(n, length), valid.view(n, length).bool()
+                bucket.slot_seq, bucket.slot_pos, bucket.rows = slot_seq, slot_pos, rows
 
     def bias(self, bucket_id, slopes, dtype):
         """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype` ((1, h, L, L) for a bucket without
