@@ -128,10 +128,8 @@ class VarlenSequences:
 
     def build_buckets(self):
         """Groups of sequences whose lengths lie within 20% of the group's longest, split to bound the scores."""
-        seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-        starts = [0]
-        for n in seqlens:
-            starts.append(starts[-1] + n)
+        starts = self.cu_seqlens.tolist()
+        seqlens = [end - start for start, end in zip(starts, starts[1:])]
         order = sorted((i for i, n in enumerate(seqlens) if n > 0), key=lambda i: -seqlens[i])
         groups = []
         for i in order:
@@ -156,16 +154,14 @@ class VarlenSequences:
                 token_index = torch.where(valid, torch.tensor([starts[i] for i in chunk])[:, None] + offsets, 0)
                 slot_seq, slot_pos = valid.nonzero(as_tuple=True)
                 self.buckets.append(Bucket(length, len(chunk)))
-                gathered.append((token_index, valid, slot_seq, slot_pos, token_index[slot_seq, slot_pos]))
-        if gathered:  # every bucket's index tensors reach the device in one copy
-            host = [t for tensors in gathered for t in tensors]
-            flat = torch.cat([t.flatten().long() for t in host]).to(self.cu_seqlens.device)
-            parts = iter(flat.split([t.numel() for t in host]))
-            for bucket in (b for b in self.buckets if b.start is None):
-                token_index, valid, slot_seq, slot_pos, rows = (next(parts) for _ in range(5))
-                n, length = bucket.count, bucket.length
-                bucket.token_index, bucket.valid = token_index.view(n, length), valid.view(n, length).bool()
-                bucket.slot_seq, bucket.slot_pos, bucket.rows = slot_seq, slot_pos, rows
+                gathered += [token_index, valid, slot_seq, slot_pos, token_index[slot_seq, slot_pos]]
+        if gathered:  # every gathered bucket's index tensors reach the device in one copy
+            flat = torch.cat([t.flatten().long() for t in gathered]).to(self.cu_seqlens.device)
+            parts = flat.split([t.numel() for t in gathered])
+            for k, bucket in enumerate(b for b in self.buckets if b.start is None):
+                token_index, valid, bucket.slot_seq, bucket.slot_pos, bucket.rows = parts[5 * k : 5 * k + 5]
+                bucket.token_index = token_index.view(bucket.count, bucket.length)
+                bucket.valid = valid.view(bucket.count, bucket.length).bool()
 
     def bias(self, bucket_id, slopes, dtype):
         """ALiBi plus key padding for one bucket, (n, h, L, L) in `dtype` ((1, h, L, L) for a bucket without
