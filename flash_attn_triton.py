@@ -43,8 +43,9 @@ __all__ = ["HAS_TRITON", "check_max_seqlen", "flash_attn_varlen_func", "flash_at
 # switch once, here, to pick a tiny autotune list for the (very slow) interpreter.
 _INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
-# The kernels work in base 2 (exp2/log2). The launchers multiply log2(e) into the softmax scale and the ALiBi
-# slopes, so no kernel carries the constant.
+# The kernels work in base 2 (exp2/log2). The launchers multiply log2(e) into the softmax scale (a host float);
+# each program multiplies it into its one ALiBi slope as it loads it (`_program_sequence`, the same constant),
+# so no extra device op runs per call.
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
@@ -116,7 +117,7 @@ if HAS_TRITON:
         seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start.to(tl.int32)
         slope = 0.0
         if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh)
+            slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634  # log2(e)
         return off_h, q_start, seqlen_q, k_start, seqlen_k, slope
 
     @triton.jit
@@ -189,7 +190,7 @@ if HAS_TRITON:
         Out,  # (t_q, h, d)
         Lse,  # (h, t_q) fp32: log2-sum-exp of the base-2 scaled scores, for the backward
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32 (stride_sb = 0), times log2(e); unused without ALiBi
+        Slopes,  # (b, h) or (h,) fp32 (stride_sb = 0), natural units; unused without ALiBi
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_lh, stride_sb, stride_sh,
         qk_scale,  # softmax_scale * log2(e)
@@ -312,7 +313,7 @@ if HAS_TRITON:
         Lse, Delta,  # (h, t_q) fp32 each, same strides
         DK, DV,  # (t_k, h, d)
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32, times log2(e)
+        Slopes,  # (b, h) or (h,) fp32, natural units
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, stride_sb, stride_sh,
         qk_scale, sm_scale,
@@ -412,7 +413,7 @@ if HAS_TRITON:
         Lse, Delta,  # (h, t_q) fp32 each, same strides
         DQ,  # (t_q, h, d)
         CuSeqlensQ, CuSeqlensK,  # (b + 1,) int32
-        Slopes,  # (b, h) or (h,) fp32, times log2(e)
+        Slopes,  # (b, h) or (h,) fp32, natural units
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_lh, stride_sb, stride_sh,
         qk_scale, sm_scale,
@@ -629,15 +630,23 @@ def _assert_max_seqlen(name, cu_seqlens, max_seqlen):
 # --------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------
-def _slopes_log2(alibi_slopes, batch, heads):
-    """(slopes * log2(e), stride over sequences, stride over heads) for slopes of shape (h,) or (b, h), or
-    (None, 0, 0) without ALiBi. One tiny elementwise op, so that no kernel multiplies by log2(e)."""
+def _slopes_strides(alibi_slopes):
+    """(slopes, stride over sequences, stride over heads) for slopes of shape (h,) or (b, h), or (None, 0, 0)
+    without ALiBi. The slopes are read in place (the kernels multiply in log2(e) as they load them)."""
     if alibi_slopes is None:
         return None, 0, 0
-    slopes = alibi_slopes * _LOG2E  # contiguous
-    if slopes.dim() == 1:
-        return slopes, 0, 1
-    return slopes, heads, 1
+    if alibi_slopes.dim() == 1:
+        return alibi_slopes, 0, alibi_slopes.stride(0)
+    return alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1)
+
+
+def _through_op(*tensors):
+    """True when the call must go through the custom op: torch.compile is tracing it (the op's fake
+    implementation), or autograd records it (the op's backward). Otherwise the launcher runs directly, without the
+    dispatcher's per-call host cost."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _device_of(x):
@@ -660,7 +669,7 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
-    slopes, stride_sb, stride_sh = _slopes_log2(alibi_slopes, batch, heads)
+    slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     with _device_of(q):
         _fwd_kernel[grid](
@@ -696,7 +705,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         return
     block_d = max(16, triton.next_power_of_2(head_dim))
     bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
-    slopes, stride_sb, stride_sh = _slopes_log2(alibi_slopes, batch, heads)
+    slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_ALIBI=slopes is not None, CAUSAL=causal,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
     slopes = q if slopes is None else slopes
@@ -886,7 +895,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
         _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
-    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
+    forward = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default if _through_op(q, k, v) else _varlen_fwd
+    out, _ = forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
     )
     return out
@@ -915,7 +925,6 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
-    out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
-        qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
-    )
+    forward = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default if _through_op(qkv) else _qkvpacked_fwd
+    out, _ = forward(qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes)
     return out

@@ -80,6 +80,15 @@ def _take_triton(use_triton, tensor, supported=True):
     return True
 
 
+def _through_op(*tensors):
+    """True when the call must go through the custom op: torch.compile is tracing it (the op's fake
+    implementation), or autograd records it (the op's backward). Otherwise the launcher runs directly, without the
+    dispatcher's per-call host cost, which is most of a small batch's time."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _device_context(tensor):
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
@@ -503,7 +512,10 @@ def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     dropout_p = float(dropout_p) if training else 0.0
     if _take_triton(use_triton, x, x.dtype in _SUPPORTED_DTYPES):
-        return torch.ops.mosaic_bert.gated_gelu_fwd(x, _dropout_seed(dropout_p, x), dropout_p)
+        seed = _dropout_seed(dropout_p, x)
+        if _through_op(x):
+            return torch.ops.mosaic_bert.gated_gelu_fwd(x, seed, dropout_p)
+        return _gated_gelu_forward(x, seed, dropout_p)
     # reference path: what the kernel computes, in PyTorch ops
     gate, value = x.split(x.shape[-1] // 2, dim=-1)
     out = F.gelu(gate, approximate="none")
@@ -554,9 +566,9 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
-        out, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
-            x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype
-        )
+        forward = (torch.ops.mosaic_bert.add_dropout_layer_norm_fwd if _through_op(x, residual, weight, bias)
+                   else _add_dropout_layer_norm_forward)
+        out, _, _ = forward(x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype)
         return out
     # reference path: the same computation in fp32 PyTorch ops, which inductor fuses on its own
     z = x.float()

@@ -38,6 +38,7 @@ import transformers
 from transformers import AutoConfig, AutoModel
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL_REPO = REPO  # --repo: the checkout MosaicBERT is loaded from (e.g. an older commit, to compare)
 VOCAB = 30528
 
 DEVICE = "cuda"
@@ -77,7 +78,7 @@ def smoke_overrides():
 
 def ours():
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
-    config = AutoConfig.from_pretrained(REPO, trust_remote_code=True, **{**base, **smoke_overrides()})
+    config = AutoConfig.from_pretrained(MODEL_REPO, trust_remote_code=True, **{**base, **smoke_overrides()})
     return AutoModel.from_config(config, trust_remote_code=True)
 
 
@@ -272,8 +273,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="JSON file (default: bench/results/infer_<device>_<date>.json)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run on tiny batches and models")
+    parser.add_argument("--repo", help="checkout to load MosaicBERT from (default: this one)")
     args = parser.parse_args()
-    global DEVICE, DTYPE, SMOKE
+    global DEVICE, DTYPE, SMOKE, MODEL_REPO
+    if args.repo:
+        MODEL_REPO = Path(args.repo).resolve()
     # MosaicBERT unpads: nonzero's data-dependent size is captured in the graph (no effect on the padded peers)
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
@@ -284,7 +288,7 @@ def main():
         parser.error("needs a CUDA GPU (or --smoke for a CPU dry run)")
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     header = (f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"{str(DTYPE).removeprefix('torch.')}, inference_mode, encoder forward")
+              f"{str(DTYPE).removeprefix('torch.')}, inference_mode, encoder forward, MosaicBERT from {MODEL_REPO}")
     print(header, flush=True)
 
     start = time.perf_counter()

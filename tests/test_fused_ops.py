@@ -377,8 +377,9 @@ def test_automatic_choice_never_takes_the_interpreter():
 
 
 @requires_kernels
-def test_use_triton_dispatches_the_custom_ops(monkeypatch):
+def test_use_triton_dispatches_the_custom_ops_when_autograd_records(monkeypatch):
     x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    x.requires_grad_(True)
     assert mosaic_ops_called(gated_gelu, x, use_triton=True) == ["mosaic_bert::gated_gelu_fwd"]
     called = mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5, use_triton=True)
     assert called == ["mosaic_bert::add_dropout_layer_norm_fwd"]
@@ -387,6 +388,22 @@ def test_use_triton_dispatches_the_custom_ops(monkeypatch):
     assert mosaic_ops_called(gated_gelu, x) == ["mosaic_bert::gated_gelu_fwd"]
     monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", False)
     assert mosaic_ops_called(gated_gelu, x.to(DEVICE)) == []
+
+
+@requires_kernels
+def test_without_autograd_the_kernels_launch_directly_with_the_same_result():
+    # No graph to record and nothing tracing: the launcher runs without the dispatcher (a small batch's host cost)
+    x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    with torch.no_grad():
+        assert mosaic_ops_called(gated_gelu, x, use_triton=True) == []
+        assert mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5, use_triton=True) == []
+        direct = gated_gelu(x, use_triton=True), add_dropout_layer_norm(x, residual, weight, bias, 1e-5,
+                                                                        use_triton=True)
+    through_op = (gated_gelu(x.requires_grad_(True), use_triton=True),
+                  add_dropout_layer_norm(x, residual, weight, bias, 1e-5, use_triton=True))
+    for a, b in zip(direct, through_op):
+        assert b.grad_fn is not None and a.grad_fn is None
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
