@@ -197,6 +197,7 @@ if HAS_TRITON:
         max_seqlen_bucket,  # autotune key only
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_ALIBI: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_LSE: tl.constexpr,  # False when nothing will run the backward (Lse unused)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -244,10 +245,11 @@ if HAS_TRITON:
         # and gets lse = +inf, which makes its probabilities exactly 0 in the backward.
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
         tl.store(_tile_ptrs(Out, q_start, offs_m, stride_ot, off_h, stride_oh, offs_d), acc.to(Out.dtype.element_ty),
                  mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
-        tl.store(Lse + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+        if STORE_LSE:
+            lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
+            tl.store(Lse + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
     @triton.jit(do_not_specialize=["total_tokens"])
     def _bwd_preprocess_kernel(
@@ -650,37 +652,61 @@ def _through_op(*tensors):
 
 
 def _device_of(x):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current device: switch only when x lives on another one.
+    device = x.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+# The config the autotuner chose, per (kernel, seqlen bucket, dtype, device, constexprs). After a key's first
+# launch (which tunes), later launches go straight to the tuned kernel: the autotuner's per-call bookkeeping costs
+# about as much host time as the launch itself, which is what a small batch's attention call waits on.
+_TUNED_CONFIGS = {}
+
+
+def _launch_tuned(kernel, grid, bucket, x, *args, **constexprs):
+    """kernel[grid](*args, **constexprs) for an autotuned kernel whose tuning key is (bucket, constexprs['HEAD_DIM']);
+    x: a tensor of the launch, whose dtype and device join the key."""
+    key = (kernel, bucket, x.dtype, x.device.index, *constexprs.values())
+    config = _TUNED_CONFIGS.get(key)
+    if config is None:
+        kernel[grid](*args, **constexprs)
+        _TUNED_CONFIGS[key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn[grid](*args, **constexprs, **config)
 
 
 def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, alibi_slopes):
+                        causal, alibi_slopes, store_lse=True):
     """Launch the forward kernel (inputs already checked by `_check_inputs`).
 
     q: (t_q, h, d), k/v: (t_k, h, d), fp16/bf16/fp32, last dim contiguous (other strides free, so views of a
     packed qkv work); cu_seqlens_q/k: (b + 1,) int32; alibi_slopes: None, (h,) or (b, h) fp32.
     max_seqlen_q/k must be at least the longest query/key sequence (they size the grids; the ops check that
     with `_assert_max_seqlen` before calling the ops, unless the caller vouches for them).
-    Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp).
+    Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp), or None with
+    store_lse=False (a forward no backward will follow: one allocation and store fewer).
     """
     heads, head_dim = q.shape[1], q.shape[2]
     batch = cu_seqlens_q.numel() - 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if store_lse else None
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
     slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
     with _device_of(q):
-        _fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
+        _launch_tuned(
+            _fwd_kernel, grid, bucket, q,
+            q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), stride_sb, stride_sh,
-            softmax_scale * _LOG2E,
-            _seqlen_bucket(max(max_seqlen_q, max_seqlen_k)),
+            out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0), stride_sb, stride_sh,
+            softmax_scale * _LOG2E, bucket,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
             HAS_ALIBI=slopes is not None, CAUSAL=causal,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, STORE_LSE=store_lse,
         )
     return out, lse
 
@@ -720,7 +746,8 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         # Key sequences shorter than max_seqlen_k exit at once; a key block with no query rows (seqlen_q = 0)
         # still stores zeros.
         kv_grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)  # noqa: E731
-        _bwd_kv_kernel[kv_grid](
+        _launch_tuned(
+            _bwd_kv_kernel, kv_grid, bucket, q,
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, slopes,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -728,7 +755,8 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
             softmax_scale * _LOG2E, softmax_scale, bucket, **consts,
         )
         q_grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-        _bwd_q_kernel[q_grid](
+        _launch_tuned(
+            _bwd_q_kernel, q_grid, bucket, q,
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, slopes,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
@@ -895,10 +923,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
         _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
-    forward = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default if _through_op(q, k, v) else _varlen_fwd
-    out, _ = forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
-    )
+    if _through_op(q, k, v):
+        out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
+        )
+    else:
+        out, _ = _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     bool(causal), alibi_slopes, store_lse=False)
     return out
 
 
@@ -925,6 +956,11 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
-    forward = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default if _through_op(qkv) else _qkvpacked_fwd
-    out, _ = forward(qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes)
+    if _through_op(qkv):
+        out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
+            qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
+        )
+    else:  # the views of qkv checked above, straight to the launcher
+        out, _ = _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
+                                     bool(causal), alibi_slopes, store_lse=False)
     return out

@@ -90,7 +90,11 @@ def _through_op(*tensors):
 
 
 def _device_context(tensor):
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current device: switch only when the tensor lives on another one.
+    device = tensor.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 if HAS_TRITON:
@@ -157,11 +161,11 @@ if HAS_TRITON:
         Residual,  # (t, n) like X; unused without HAS_RESIDUAL
         W, B,  # (n,) contiguous
         Out,  # (t, n) contiguous, out dtype
-        Mean, Rstd,  # (t,) fp32, for the backward
+        Mean, Rstd,  # (t,) fp32, for the backward; unused without STORE_STATS
         Seed,  # (1,) int64 Philox seed; unused without HAS_DROPOUT
         stride_xt, stride_rt, stride_ot,
         n_cols, eps, dropout_p, dropout_scale,
-        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid: (t,). One row per program, whole row in registers (BLOCK_N >= n).
         row = tl.program_id(0).to(tl.int64)
@@ -181,8 +185,9 @@ if HAS_TRITON:
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         y = zc * rstd * w + b
         tl.store(Out + row * stride_ot + cols, y.to(Out.dtype.element_ty), mask=mask)
-        tl.store(Mean + row, mean)
-        tl.store(Rstd + row, rstd)
+        if STORE_STATS:
+            tl.store(Mean + row, mean)
+            tl.store(Rstd + row, rstd)
 
     @triton.jit
     def _add_dropout_layer_norm_bwd_kernel(
@@ -310,14 +315,17 @@ def _dropout_scale(dropout_p):
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype):
+def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, store_stats=True):
     """x, residual: (..., n); weight, bias: (n,); seed: (1,) int64 on x's device, or None when dropout_p == 0.
-    Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x) + residual."""
+    Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x) + residual, or None, None with
+    store_stats=False (a forward no backward will follow: two allocations and stores fewer)."""
     _require_triton()
     n_cols = x.shape[-1]
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    mean = rstd = None
+    if store_stats:
+        mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out, mean, rstd
     x2, out2 = _rows(x), out.view(-1, n_cols)
@@ -326,10 +334,12 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
     block, num_warps = _layer_norm_launch_config(n_cols)
     with _device_context(x):
         _add_dropout_layer_norm_fwd_kernel[(x2.shape[0],)](
-            x2, r2, weight.contiguous(), bias.contiguous(), out2, mean, rstd, seed if has_dropout else x2,
+            x2, r2, weight.contiguous(), bias.contiguous(), out2, x2 if mean is None else mean,
+            x2 if rstd is None else rstd, seed if has_dropout else x2,
             x2.stride(0), r2.stride(0), out2.stride(0),
             n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p),
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_STATS=store_stats, BLOCK_N=block,
+            num_warps=num_warps,
         )
     return out, mean, rstd
 
@@ -566,9 +576,14 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
-        forward = (torch.ops.mosaic_bert.add_dropout_layer_norm_fwd if _through_op(x, residual, weight, bias)
-                   else _add_dropout_layer_norm_forward)
-        out, _, _ = forward(x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype)
+        if _through_op(x, residual, weight, bias):
+            out, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
+                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype
+            )
+        else:
+            out, _, _ = _add_dropout_layer_norm_forward(
+                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, store_stats=False
+            )
         return out
     # reference path: the same computation in fp32 PyTorch ops, which inductor fuses on its own
     z = x.float()

@@ -2,6 +2,7 @@
 
     python bench/profile_forward.py --part pieces                  # host and wall µs per call of each piece
     python bench/profile_forward.py --part kernels --rows fixed    # GPU kernels and host ops of one forward
+    python bench/profile_forward.py --part python --rows "latency 1"   # Python functions by own time (cProfile)
     python bench/profile_forward.py --repo PATH                    # MosaicBERT from another checkout
 
 Pieces: the fused gated GELU, residual + LayerNorm and the attention kernel at base size, each called through its
@@ -138,9 +139,39 @@ def kernels(rows):
     return "\n\n".join(out)
 
 
+def python_profile(rows, forwards=50, top=30):
+    """cProfile of MosaicBERT's forwards on a row: where the host time goes, Python function by function (C calls
+    such as a kernel launch count as their caller's callee)."""
+    import cProfile
+    import io
+    import pstats
+
+    out = []
+    for row in [r for r in infer.ROWS if any(s in r for s in rows)]:
+        batch, _ = infer.make_batch(row)
+        torch.manual_seed(0)
+        model = infer.ours().to("cuda", DTYPE).eval()
+        with torch.inference_mode():
+            for _ in range(5):
+                model(**batch)
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(forwards):
+                model(**batch)
+            torch.cuda.synchronize()
+            profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+        out.append(f"## {row}: MosaicBERT-base, {forwards} forwards under cProfile\n{text.getvalue()}")
+        del model
+    return "\n".join(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["pieces", "kernels", "both"], default="both")
+    parser.add_argument("--part", choices=["pieces", "kernels", "python", "both"], default="both",
+                        help="both: pieces and kernels")
     parser.add_argument("--rows", nargs="*", default=["fixed", "latency"],
                         help="bench/infer.py rows whose names contain one of these")
     parser.add_argument("--repo", default=str(REPO), help="checkout to load MosaicBERT from")
@@ -158,6 +189,8 @@ def main():
         print(pieces(package), flush=True)
     if args.part in ("kernels", "both"):
         print(kernels(args.rows), flush=True)
+    if args.part == "python":
+        print(python_profile(args.rows), flush=True)
 
 
 if __name__ == "__main__":

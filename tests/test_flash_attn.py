@@ -231,6 +231,26 @@ def test_interpreter_max_seqlen_too_small_raises(api):
             flash_attn_varlen_func(q, k, v, cu, cu, 20, 7)
 
 
+def test_tuned_config_is_reused_with_the_same_result(monkeypatch):
+    # A key's first launch goes through the autotuner; later ones straight to the kernel with the config it chose.
+    if not (HAS_CUDA or getattr(fa, "_INTERPRET", False)):
+        pytest.skip("needs a GPU or Triton's interpreter")
+    monkeypatch.setattr(fa, "_TUNED_CONFIGS", {})
+    torch.manual_seed(3)
+    lengths = [5, 20, 3]
+    qkv = torch.randn(sum(lengths), 3, 2, 16, device=DEVICE, dtype=torch.float16)
+    cu, slopes = cu_seqlens_of(lengths), alibi_slopes(2)
+    first = flash_attn_varlen_qkvpacked_func(qkv, cu, 20, alibi_slopes=slopes)
+    assert len(fa._TUNED_CONFIGS) == 1
+    (config,) = fa._TUNED_CONFIGS.values()
+    assert "BLOCK_M" in config and "num_warps" in config
+    second = flash_attn_varlen_qkvpacked_func(qkv, cu, 20, alibi_slopes=slopes)
+    assert len(fa._TUNED_CONFIGS) == 1 and torch.equal(first, second)
+    ref = varlen_attention(*(x.double() for x in qkv.unbind(1)), cu, cu, alibi_slopes=slopes,
+                           compute_dtype=torch.float64)
+    assert max_err(second, ref) <= 3e-3
+
+
 @requires_interpreter
 def test_interpreter_larger_max_seqlen_same_result():
     # The padded width of a batch is a valid max_seqlen: the extra programs exit without writing.
