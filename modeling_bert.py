@@ -78,9 +78,13 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
 
 
 def exporting():
-    """True while torch.onnx, torch.export or torch.jit traces the model."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
+    """True while torch.onnx or torch.jit traces the model: a graph that must not hold the Triton custom op.
+
+    Not `torch.compiler.is_exporting()`: torch 2.11 reports it True inside a plain `torch.compile` as well, which
+    sent compiled models down the dense attention path. torch.export keeps custom ops, so it needs no path of its
+    own (on CPU, tracing takes the dense path anyway).
+    """
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def tracing():

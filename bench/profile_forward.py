@@ -3,6 +3,7 @@
     python bench/profile_forward.py --part pieces                  # host and wall µs per call of each piece
     python bench/profile_forward.py --part kernels --rows fixed    # GPU kernels and host ops of one forward
     python bench/profile_forward.py --part python --rows "latency 1"   # Python functions by own time (cProfile)
+    python bench/profile_forward.py --part kernels --rows fixed --compile   # the same for the compiled models
     python bench/profile_forward.py --repo PATH                    # MosaicBERT from another checkout
 
 Pieces: the fused gated GELU, residual + LayerNorm and the attention kernel at base size, each called through its
@@ -23,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ def profile_model(name, model, batch, forwards=5, top=12):
     return "\n".join(lines) + "\n\nhost ops by self CPU time (all 5 forwards):\n" + host
 
 
-def kernels(rows):
+def kernels(rows, compiled=False):
     out = []
     for row in [r for r in infer.ROWS if any(s in r for s in rows)]:
         batch, real = infer.make_batch(row)
@@ -133,8 +135,12 @@ def kernels(rows):
         for name, build in (("MosaicBERT-base", infer.ours), ("BERT-base sdpa", infer.hf_bert)):
             torch.manual_seed(0)
             model = build().to("cuda", DTYPE).eval()
+            if compiled:  # as bench/infer.py compiles them
+                model = torch.compile(model, fullgraph=name.startswith("Mosaic"))
+                name += ", torch.compile"
             out.append(profile_model(name, model, batch))
             del model
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
     return "\n\n".join(out)
 
@@ -175,9 +181,13 @@ def main():
     parser.add_argument("--rows", nargs="*", default=["fixed", "latency"],
                         help="bench/infer.py rows whose names contain one of these")
     parser.add_argument("--repo", default=str(REPO), help="checkout to load MosaicBERT from")
+    parser.add_argument("--compile", action="store_true", help="kernels: profile the torch.compile'd models")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    # as bench/infer.py: unpadding's data-dependent sizes are captured in the graph
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
     infer.MODEL_REPO = Path(args.repo).resolve()
     sys.path.insert(0, str(infer.MODEL_REPO))
     import flash_attn_triton
@@ -188,7 +198,7 @@ def main():
     if args.part in ("pieces", "both"):
         print(pieces(package), flush=True)
     if args.part in ("kernels", "both"):
-        print(kernels(args.rows), flush=True)
+        print(kernels(args.rows, args.compile), flush=True)
     if args.part == "python":
         print(python_profile(args.rows), flush=True)
 

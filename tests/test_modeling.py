@@ -275,6 +275,30 @@ def test_backend_selection_is_explicit():
     assert set(mb.ATTENTION_FUNCTIONS) == {"triton", "torch", "dense"}
 
 
+def test_compiled_forward_keeps_the_kernel(monkeypatch):
+    # Where the kernel can run, torch.compile traces it (a custom op), even where torch reports is_exporting()
+    # inside compile (torch 2.11 did, and compiled models silently took the slower dense path); only torch.onnx and
+    # torch.jit tracing take the dense path.
+    import torch._dynamo
+
+    model = tiny_model()
+    mb = package_module(model)
+    monkeypatch.setattr(mb, "kernel_available", lambda device, dtype: True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True, raising=False)
+    names = {}
+
+    def pick(x):
+        names["compiled"] = mb.resolve_attention(model.config, x.device, torch.bfloat16, 0.0)
+        return x + 1
+
+    torch._dynamo.reset()
+    torch.compile(pick, backend="eager", fullgraph=True)(torch.zeros(2))
+    torch._dynamo.reset()
+    assert names["compiled"] == "triton"
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert mb.resolve_attention(model.config, torch.device("cpu"), torch.bfloat16, 0.0) == "dense"
+
+
 # ------------------------------------------------------------------------------------------------ heads
 
 
