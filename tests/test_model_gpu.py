@@ -145,6 +145,8 @@ def test_fullgraph_compile_with_the_kernels_matches_eager():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
         assert explained.graph_break_count == 0, explained.break_reasons
+        # the attention kernel's op is in the graph (not the dense attention a tracing check could pick)
+        assert any("flash_attn_varlen_qkvpacked_fwd" in g.code for g in explained.graphs)
         compiled = torch.compile(model, fullgraph=True)
         results = []
         for m in (model, compiled):

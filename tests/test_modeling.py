@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -295,6 +296,23 @@ def test_compiled_forward_keeps_the_kernel(monkeypatch):
     torch.compile(pick, backend="eager", fullgraph=True)(torch.zeros(2))
     torch._dynamo.reset()
     assert names["compiled"] == "triton"
+
+    # The whole model: its compiled graph holds the kernel's op (run by Triton's interpreter on CPU) and matches eager
+    flash = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".flash_attn_triton"]
+    if flash.HAS_TRITON and flash._INTERPRET:
+        model = tiny_model("AutoModel", num_attention_heads=2).eval()  # head_dim 16, the kernel's smallest
+        mb = package_module(model)
+        monkeypatch.setattr(mb, "kernel_available", lambda device, dtype: True)
+        ids, mask = ragged_batch([8, 5])
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+            explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+            assert explained.graph_break_count == 0
+            assert any("flash_attn_varlen_qkvpacked_fwd" in g.code for g in explained.graphs)
+            compiled = torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, attention_mask=mask)
+        torch._dynamo.reset()
+        eager = model(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(compiled.last_hidden_state, eager.last_hidden_state)
+
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert mb.resolve_attention(model.config, torch.device("cpu"), torch.bfloat16, 0.0) == "dense"
 
