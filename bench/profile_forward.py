@@ -60,8 +60,8 @@ def pieces(package):
         cu = torch.arange(0, tokens + 1, seqlen, device="cuda", dtype=torch.int32)
         slopes = torch.rand(heads, device="cuda")
         qkv_pad = qkv.view(-1, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        ln_fwd = getattr(fused_ops, "_add_dropout_layer_norm_forward")
-        glu_fwd = getattr(fused_ops, "_gated_gelu_forward")
+        ln_fwd = fused_ops._add_dropout_layer_norm_forward
+        glu_fwd = fused_ops._gated_gelu_forward
         ways = [
             ("gated GELU", "public function", lambda: fused_ops.gated_gelu(g)),
             ("gated GELU", "custom op", lambda: torch.ops.mosaic_bert.gated_gelu_fwd(g, None, 0.0)),
