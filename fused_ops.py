@@ -34,7 +34,19 @@ except ImportError:  # the public functions fall back to PyTorch ops
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "DEFAULT_USE_TRITON", "add_dropout_layer_norm", "fused_kernels_available", "gated_gelu"]
+try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+__all__ = [
+    "HAS_TRITON",
+    "DEFAULT_USE_TRITON",
+    "add_dropout_layer_norm",
+    "fused_kernels_available",
+    "gated_gelu",
+    "gated_linear_gelu",
+]
 
 # Same switch Triton reads when `@triton.jit` runs: with it, the kernels accept CPU tensors.
 _INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
@@ -243,6 +255,37 @@ if HAS_TRITON:
         tl.store(DWPartial + pid * n_cols + cols, dw, mask=mask)
         tl.store(DBPartial + pid * n_cols + cols, db, mask=mask)
 
+    @triton.jit
+    def _gated_linear_gelu_kernel(
+        x_desc,  # (t, n) TMA descriptor, blocks (BLOCK_M, BLOCK_K)
+        gate_desc, value_desc,  # (i, n) each: the first and second halves of the (2 * i, n) weight, (BLOCK_N, BLOCK_K)
+        out_desc,  # (t, i), blocks (BLOCK_M, BLOCK_N)
+        t, inter, hidden,
+        num_programs,  # the grid's size
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # Persistent grid: num_programs programs walk the (BLOCK_M, BLOCK_N) output tiles, GROUP_M row blocks at a
+        # time so the weight tiles they share stay in L2. Each tile accumulates x @ W_gate^T and x @ W_value^T
+        # from the same x blocks and writes GELU(gate) * value: the (t, 2 * i) GEMM output never reaches memory.
+        # TMA zero-fills loads past the edges and clips the store, so t, i and n need no multiple of a block.
+        num_m = tl.cdiv(t, BLOCK_M)
+        num_n = tl.cdiv(inter, BLOCK_N)
+        tiles_per_group = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
+            first_m = (tile // tiles_per_group) * GROUP_M
+            group_rows = tl.minimum(num_m - first_m, GROUP_M)
+            row0 = (first_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
+            col0 = ((tile % tiles_per_group) // group_rows) * BLOCK_N
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, hidden, BLOCK_K):
+                a = x_desc.load([row0, k])
+                gate = tl.dot(a, gate_desc.load([col0, k]).T, gate, input_precision=DOT_PRECISION)
+                value = tl.dot(a, value_desc.load([col0, k]).T, value, input_precision=DOT_PRECISION)
+            out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU, as gated_gelu
+            out_desc.store([row0, col0], out.to(out_desc.dtype))
+
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers
@@ -309,6 +352,81 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
             _dropout_scale(dropout_p), BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
         )
     return dx
+
+
+def _gated_linear_config(rows):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) of the gated GEMM. Measured on an H100 (bf16,
+    n = 768, i = 3072; BENCHMARKS.md): 128 x 128 tiles (two fp32 accumulators each) from 2048 rows, 64 x 64 below,
+    where 128-row tiles leave most SMs idle. Under the interpreter, 16-wide tiles so test sizes cross several tiles,
+    a ragged edge and the persistent loop."""
+    if _INTERPRET:
+        return 16, 16, 16, 2, 1, 1
+    if rows >= 2048:
+        return 128, 128, 64, 8, 3, 8
+    return 64, 64, 64, 8, 4, 4
+
+
+_SM_COUNTS = {}
+_GATED_GEMM_CAPABLE = {}
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so the persistent loop runs more than once
+    count = _SM_COUNTS.get(device.index)
+    if count is None:
+        count = _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+def _gated_gemm_capable(device):
+    """The gated GEMM loads through TMA: NVIDIA compute capability 9.0 (Hopper) or newer, or the interpreter."""
+    if device.type != "cuda":
+        return _INTERPRET
+    capable = _GATED_GEMM_CAPABLE.get(device.index)
+    if capable is None:
+        capable = _GATED_GEMM_CAPABLE[device.index] = (
+            torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+        )
+    return capable
+
+
+def _tma_compatible(*tensors):
+    """TMA reads 2-D tensors whose base address and row stride are multiples of 16 bytes, columns contiguous."""
+    return all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors
+    )
+
+
+def _gated_linear_gelu_forward(x, weight):
+    """x: (..., n), weight: (2 * i, n), same dtype (fp16/bf16; fp32 computes with exact fp32 products). Returns
+    GELU(x W_gate^T) * (x W_value^T): (..., i) in x's dtype, the gate in the weight's first i rows. Where TMA cannot
+    read or write an operand (an address or row stride not a multiple of 16 bytes), the GEMM and the gated GELU
+    kernel run as two launches instead: the same result, never a silent misread."""
+    _require_triton()
+    inter, hidden = weight.shape[0] // 2, weight.shape[1]
+    out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x2, out2 = _rows(x), out.view(-1, inter)
+    gate_w, value_w = weight[:inter], weight[inter:]
+    if not _tma_compatible(x2, gate_w, value_w, out2):
+        return _gated_gelu_forward(F.linear(x, weight))
+    rows = x2.shape[0]
+    block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
+    programs = min(triton.cdiv(rows, block_m) * triton.cdiv(inter, block_n), _sm_count(x.device))
+    with _device_context(x):
+        _gated_linear_gelu_kernel[(programs,)](
+            TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+            TensorDescriptor.from_tensor(gate_w, [block_n, block_k]),
+            TensorDescriptor.from_tensor(value_w, [block_n, block_k]),
+            TensorDescriptor.from_tensor(out2, [block_m, block_n]),
+            rows, inter, hidden, programs,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+            num_stages=num_stages, num_warps=num_warps,
+        )
+    return out
 
 
 def _dropout_scale(dropout_p):
@@ -490,6 +608,18 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
     )
 
 
+if _HAS_CUSTOM_OP and not _op_defined("gated_linear_gelu"):
+    # Inference only (no autograd formula): `gated_linear_gelu` takes it only when nothing records a graph.
+
+    @torch.library.custom_op("mosaic_bert::gated_linear_gelu", mutates_args=())
+    def _gated_linear_gelu_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _gated_linear_gelu_forward(x, weight)
+
+    @_gated_linear_gelu_op.register_fake
+    def _(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
@@ -532,6 +662,52 @@ def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
     # in place when no graph is recorded: one fewer (t, intermediate) buffer to allocate and fault in
     out = out * value if torch.is_grad_enabled() and x.requires_grad else out.mul_(value)
     return F.dropout(out, dropout_p, training=True) if dropout_p > 0.0 else out
+
+
+def _autocast_on(x):
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 took no device type
+        return torch.is_autocast_enabled() if x.device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None):
+    """dropout(GELU(x W_gate^T) * (x W_value^T)): the gated-linear-unit MLP's bias-free Linear and its gated GELU.
+
+    Args:
+        x (`torch.Tensor` of shape `(..., n)`): the MLP's input.
+        weight (`torch.Tensor` of shape `(2 * intermediate_size, n)`): the Linear's weight, gate rows first.
+        dropout_p, training, use_triton: as in `gated_gelu`.
+
+    Returns:
+        `torch.Tensor` of shape `(..., intermediate_size)`: what `gated_gelu(F.linear(x, weight), ...)` returns.
+        When nothing records a graph, dropout is off, autocast is off, x and weight share a 16-bit dtype (or
+        use_triton=True forces the kernels, fp32 included) and the GPU has TMA (compute capability 9.0+), one
+        Triton GEMM applies the GELU and the product in its epilogue, so the (t, 2 * i) activations are never
+        written and read back; it has no backward. Everything else takes the Linear and the `gated_gelu` kernel.
+    """
+    if weight.dim() != 2 or weight.shape[0] % 2 != 0 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"gated_linear_gelu needs a (2 * intermediate_size, {x.shape[-1]}) weight for an input of last "
+            f"dimension {x.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    forced = (use_triton if use_triton is not None else DEFAULT_USE_TRITON) is True
+    if (
+        TensorDescriptor is not None
+        and not (training and dropout_p > 0.0)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and x.dtype == weight.dtype
+        and (x.dtype in (torch.float16, torch.bfloat16) or (forced and x.dtype == torch.float32))
+        and not _autocast_on(x)
+        and _take_triton(use_triton, x)
+        and _gated_gemm_capable(x.device)
+    ):
+        if torch.compiler.is_compiling():
+            return torch.ops.mosaic_bert.gated_linear_gelu(x, weight)
+        return _gated_linear_gelu_forward(x, weight)
+    return gated_gelu(F.linear(x, weight), dropout_p=dropout_p, training=training, use_triton=use_triton)
 
 
 def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,

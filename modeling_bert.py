@@ -44,7 +44,7 @@ from .bert_padding import (
 )
 from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, flash_attn_varlen_qkvpacked_func
-from .fused_ops import add_dropout_layer_norm, gated_gelu
+from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu
 
 try:  # transformers >= 5: init functions that leave loaded weights alone
     from transformers import initialization as init
@@ -720,8 +720,14 @@ class BertGatedLinearUnitMLP(nn.Module):
         self.layernorm = layer_norm(config)
 
     def forward(self, hidden_states):
-        # (t, 2 * intermediate) -> (t, intermediate), dropout in the same pass
-        glu = gated_gelu(self.gated_layers(hidden_states), dropout_p=self.dropout.p, training=self.training)
+        # (t, hidden) -> (t, intermediate). A plain bias-free Linear is handed over as its weight, so inference can
+        # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
+        # a forward hook) runs as itself.
+        gated = self.gated_layers
+        if type(gated) is nn.Linear and gated.bias is None and not (gated._forward_hooks or gated._forward_pre_hooks):
+            glu = gated_linear_gelu(hidden_states, gated.weight, dropout_p=self.dropout.p, training=self.training)
+        else:
+            glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)
         return self.layernorm(self.wo(glu), hidden_states)
 
 

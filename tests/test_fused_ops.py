@@ -24,7 +24,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import fused_ops  # noqa: E402
-from fused_ops import add_dropout_layer_norm, fused_kernels_available, gated_gelu  # noqa: E402
+from fused_ops import add_dropout_layer_norm, fused_kernels_available, gated_gelu, gated_linear_gelu  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 KERNELS = fused_kernels_available(torch.empty(0, device=DEVICE))
@@ -64,6 +64,10 @@ def gated_gelu_reference(x):
     inter = x.shape[-1] // 2
     gate, value = x[..., :inter], x[..., inter:]
     return 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0))) * value
+
+
+def gated_linear_gelu_reference(x, weight):
+    return gated_gelu_reference(x.double() @ weight.double().T)
 
 
 def layer_norm_reference(x, residual, weight, bias, eps, keep=None, dropout_p=0.0):
@@ -439,6 +443,148 @@ def test_compile_fullgraph_no_graph_breaks(use_triton):
         assert out.shape == eager.shape and all(g.shape == e.shape for g, e in zip(got, expected))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# gated_linear_gelu: the GEMM with the gated GELU in its epilogue (inference), or the Linear + gated_gelu
+# ------------------------------------------------------------------------------------------------------------
+GEMM_KERNEL = (
+    KERNELS and fused_ops.TensorDescriptor is not None and fused_ops._gated_gemm_capable(torch.device(DEVICE))
+)
+requires_gemm_kernel = pytest.mark.skipif(
+    not GEMM_KERNEL, reason="the gated GEMM needs triton's TMA descriptors and a Hopper+ GPU, or the interpreter"
+)
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """The grids of the gated GEMM kernel's launches during the test."""
+    if not fused_ops.HAS_TRITON:
+        return []
+    launches, kernel = [], fused_ops._gated_linear_gelu_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fused_ops, "_gated_linear_gelu_kernel", Spy())
+    return launches
+
+
+def linear_inputs(rows, hidden, inter, dtype, seed=0):
+    return rand(rows, hidden, dtype=dtype, seed=seed), rand(2 * inter, hidden, dtype=dtype, seed=seed + 1,
+                                                              scale=hidden ** -0.5)
+
+
+@requires_gemm_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden,inter", [(1, 24, 24), (37, 40, 40), (70, 48, 16), (100, 64, 72)])
+def test_gated_linear_gelu_kernel_matches_reference(gemm_launches, dtype, rows, hidden, inter):
+    # Several tiles in both directions, ragged edges, and more tiles than programs (the persistent loop)
+    x, weight = linear_inputs(rows, hidden, inter, dtype)
+    with torch.no_grad():
+        out = gated_linear_gelu(x, weight, use_triton=True)
+    assert len(gemm_launches) == 1, "the fused GEMM did not run"
+    assert out.dtype == dtype and out.shape == (rows, inter)
+    assert_close(out, gated_linear_gelu_reference(x, weight), dtype, "out")
+
+
+@requires_gemm_kernel
+def test_gated_linear_gelu_leading_dims_and_strided_rows(gemm_launches):
+    x, weight = linear_inputs(12, 32, 24, torch.float32)
+    wide = torch.cat([x, rand(12, 8, seed=9)], dim=1)[:, :32]  # rows 160 bytes apart: TMA reads them in place
+    with torch.no_grad():
+        out = gated_linear_gelu(wide.view(3, 4, 32)[:, :3], weight, use_triton=True)
+    assert len(gemm_launches) == 1 and out.shape == (3, 3, 24)
+    expected = gated_linear_gelu_reference(wide.view(3, 4, 32)[:, :3].reshape(-1, 32), weight).view(3, 3, 24)
+    assert_close(out, expected, torch.float32, "out")
+
+
+@requires_kernels
+@pytest.mark.parametrize(
+    "case",
+    ["misaligned address", "row stride not 16 bytes", "output row not 16 bytes"],
+)
+def test_gated_linear_gelu_where_tma_cannot_read_takes_two_launches(gemm_launches, case):
+    # TMA needs 16-byte addresses and row strides: anything else must still give the right numbers
+    if case == "misaligned address":
+        x, weight = rand(5 * 32 + 1)[1:].view(5, 32), rand(48, 32, seed=1, scale=0.2)
+    elif case == "row stride not 16 bytes":
+        x, weight = rand(5, 33)[:, :30], rand(48, 30, seed=1, scale=0.2)
+    else:
+        x, weight = rand(5, 32), rand(2 * 21, 32, seed=1, scale=0.2)
+    with torch.no_grad():
+        out = gated_linear_gelu(x, weight, use_triton=True)
+    assert gemm_launches == []
+    assert_close(out, gated_linear_gelu_reference(x, weight), torch.float32, "out")
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_gated_linear_gelu_with_autograd_takes_the_linear(gemm_launches, use_triton):
+    # The fused GEMM has no backward: a recorded graph goes through F.linear and gated_gelu, with gradients
+    x, weight = leaves(*linear_inputs(9, 32, 24, torch.float32))
+    out = gated_linear_gelu(x, weight, use_triton=use_triton)
+    assert gemm_launches == []
+    x64, w64 = leaves(x.double(), weight.double())
+    ref = gated_linear_gelu_reference(x64, w64)
+    assert_close(out, ref, torch.float32, "out")
+    grad_out = rand(9, 24, seed=5)
+    for got, expected, name in zip(torch.autograd.grad(out, (x, weight), grad_out),
+                                   torch.autograd.grad(ref, (x64, w64), grad_out.double()), ("d_x", "d_weight")):
+        assert_close(got, expected, torch.float32, name)
+
+
+@requires_kernels
+def test_gated_linear_gelu_with_dropout_takes_the_linear(gemm_launches):
+    x, weight = linear_inputs(9, 32, 24, torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = gated_linear_gelu(x, weight, dropout_p=0.5, training=True, use_triton=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = gated_gelu(x @ weight.T, dropout_p=0.5, training=True, use_triton=True)
+    assert gemm_launches == []
+    torch.testing.assert_close(out, expected)
+    assert (out == 0).any()
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_gated_linear_gelu_autocast_and_dtypes_follow_the_linear(gemm_launches, use_triton):
+    # Under autocast, or with mixed dtypes, the result is what F.linear + gated_gelu gives: no dtype of our own
+    x, weight = linear_inputs(6, 32, 24, torch.float32)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = gated_linear_gelu(x, weight, use_triton=use_triton)
+        expected = gated_gelu(torch.nn.functional.linear(x, weight), use_triton=use_triton)
+    assert gemm_launches == [] and out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def test_gated_linear_gelu_rejects_bad_shapes():
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match=r"\(6, 9\)"):
+        gated_linear_gelu(x, torch.zeros(6, 9))
+    with pytest.raises(ValueError, match=r"\(5, 8\)"):
+        gated_linear_gelu(x, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="dropout_p"):
+        gated_linear_gelu(x, torch.zeros(6, 8), dropout_p=1.5)
+
+
+@pytest.mark.parametrize("use_triton", [pytest.param(True, marks=requires_gemm_kernel, id="triton"),
+                                        pytest.param(False, id="torch")])
+def test_gated_linear_gelu_compiles_without_graph_breaks(use_triton):
+    # Inference under torch.compile keeps the fused GEMM as one op (its fake gives the shape) and matches eager
+    x, weight = linear_inputs(20, 32, 24, torch.float32)
+    fn = lambda a, w: gated_linear_gelu(a, w, use_triton=use_triton) * 2.0  # noqa: E731
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(fn)(x, weight)
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, weight)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0
+    assert any("gated_linear_gelu" in g.code for g in explained.graphs) == use_triton
+    with torch.no_grad():
+        torch.testing.assert_close(compiled, fn(x, weight))
+
+
 def test_reimport_reuses_the_registered_ops():
     # transformers imports the package as remote code under another module name; a second copy of this file in
     # the same process must import (the dispatcher already holds the mosaic_bert ops) and compute the same.
@@ -516,3 +662,20 @@ def test_autocast_bf16_matches_unfused():
         unfused = norm(y + h)
     assert fused.dtype == unfused.dtype == torch.float32
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [1, 128, 1000, 4097])
+def test_gated_linear_gelu_cuda(gemm_launches, dtype, rows):
+    # Base sizes (768 -> 2 x 3072), both tile configs (below and above 2048 rows); where the GPU has TMA the fused
+    # GEMM runs, elsewhere the Linear + gated_gelu
+    x, weight = linear_inputs(rows, 768, 3072, dtype)
+    with torch.inference_mode():
+        out = gated_linear_gelu(x, weight)
+    assert len(gemm_launches) == int(GEMM_KERNEL)
+    ref = gated_linear_gelu_reference(x, weight)
+    assert_close(out, ref, dtype, "out")
+    # no worse than the unfused path, which rounds the GEMM output to the dtype before the GELU
+    unfused = gated_gelu(x @ weight.T)
+    assert (out.double() - ref).abs().max() <= 1.5 * (unfused.double() - ref).abs().max() + 1e-3

@@ -534,3 +534,45 @@ def test_plain_attention_over_every_bucket_kind_matches_float64(lengths):
     poisoned[cu[1] - 1] = float("nan")  # a token of sequence 0
     out, _ = mb.torch_attention(poisoned, sequences, slopes)
     assert out[: cu[1]].isnan().any() and not out[cu[1] :].isnan().any()
+
+
+class DoubledLinear(torch.nn.Linear):
+    """A Linear subclass (as adapters and quantized layers are) whose output is twice the plain one."""
+
+    def forward(self, hidden_states):
+        return 2 * super().forward(hidden_states)
+
+
+@pytest.mark.parametrize("forced_kernels", [False, True])
+def test_glu_mlp_honours_a_hooked_or_replaced_gated_linear(monkeypatch, forced_kernels):
+    # The MLP hands a plain Linear's weight to the fused GEMM; a forward hook or a replaced module (an adapter, a
+    # quantized Linear) must still run. A hook doubling the output equals a doubled weight without the hook.
+    model = tiny_model("AutoModel")
+    mb = package_module(model)
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    fused_calls = []
+    if forced_kernels:
+        if not (ops.HAS_TRITON and ops._INTERPRET and ops.TensorDescriptor is not None):
+            pytest.skip("forcing the kernels on CPU needs triton's interpreter")
+        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+        launch = ops._gated_linear_gelu_forward
+        monkeypatch.setattr(ops, "_gated_linear_gelu_forward", lambda *a: fused_calls.append(1) or launch(*a))
+    mlp = model.encoder.layer[0].mlp
+    x = torch.randn(7, model.config.hidden_size)
+    with torch.no_grad():
+        plain = mlp(x)
+        assert len(fused_calls) == int(forced_kernels)
+        handle = mlp.gated_layers.register_forward_hook(lambda module, args, out: out * 2)
+        hooked = mlp(x)
+        handle.remove()
+        original = mlp.gated_layers
+        mlp.gated_layers = DoubledLinear(original.in_features, original.out_features, bias=False)
+        mlp.gated_layers.weight.copy_(original.weight)
+        replaced = mlp(x)
+        mlp.gated_layers = original
+        original.weight.mul_(2)
+        doubled = mlp(x)
+    assert len(fused_calls) == 2 * int(forced_kernels)
+    assert not torch.allclose(plain, doubled)
+    torch.testing.assert_close(hooked, doubled)
+    torch.testing.assert_close(replaced, doubled)
