@@ -368,6 +368,11 @@ def _gated_linear_config(rows):
 
 _SM_COUNTS = {}
 _GATED_GEMM_CAPABLE = {}
+# Rows from which `gated_linear_gelu` takes the fused GEMM by itself. Below, a forward is bound by host time per
+# launch, the GPU saving is a few µs, and a launch with four TMA descriptors costs more host time than the two
+# launches it replaces (BENCHMARKS.md, 2026-12-06); forcing the kernels (use_triton=True) or compiling takes it
+# at any size.
+GATED_GEMM_MIN_ROWS = 8192
 
 
 def _sm_count(device):
@@ -682,9 +687,10 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
     Returns:
         `torch.Tensor` of shape `(..., intermediate_size)`: what `gated_gelu(F.linear(x, weight), ...)` returns.
         When nothing records a graph, dropout is off, autocast is off, x and weight share a 16-bit dtype (or
-        use_triton=True forces the kernels, fp32 included) and the GPU has TMA (compute capability 9.0+), one
-        Triton GEMM applies the GELU and the product in its epilogue, so the (t, 2 * i) activations are never
-        written and read back; it has no backward. Everything else takes the Linear and the `gated_gelu` kernel.
+        use_triton=True forces the kernels, fp32 included), the GPU has TMA (compute capability 9.0+) and there
+        are at least `GATED_GEMM_MIN_ROWS` rows (any number when forced or compiling), one Triton GEMM applies
+        the GELU and the product in its epilogue, so the (t, 2 * i) activations are never written and read back;
+        it has no backward. Everything else takes the Linear and the `gated_gelu` kernel.
     """
     if weight.dim() != 2 or weight.shape[0] % 2 != 0 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
@@ -694,8 +700,11 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     forced = (use_triton if use_triton is not None else DEFAULT_USE_TRITON) is True
+    # Short-circuits before reading the size while compiling: unpadded token counts are data-dependent there.
+    large = forced or torch.compiler.is_compiling() or x.numel() >= GATED_GEMM_MIN_ROWS * max(x.shape[-1], 1)
     if (
         TensorDescriptor is not None
+        and large
         and not (training and dropout_p > 0.0)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.dtype == weight.dtype

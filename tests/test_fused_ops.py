@@ -666,16 +666,22 @@ def test_autocast_bf16_matches_unfused():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [1, 128, 1000, 4097])
+@pytest.mark.parametrize("rows", [1, 128, 1000, 4097, 8192])
 def test_gated_linear_gelu_cuda(gemm_launches, dtype, rows):
-    # Base sizes (768 -> 2 x 3072), both tile configs (below and above 2048 rows); where the GPU has TMA the fused
-    # GEMM runs, elsewhere the Linear + gated_gelu
+    # Base sizes (768 -> 2 x 3072), both tile configs (below and above 2048 rows), forced; where the GPU has TMA
+    # the fused GEMM runs, elsewhere the Linear + gated_gelu
     x, weight = linear_inputs(rows, 768, 3072, dtype)
     with torch.inference_mode():
-        out = gated_linear_gelu(x, weight)
+        out = gated_linear_gelu(x, weight, use_triton=True)
     assert len(gemm_launches) == int(GEMM_KERNEL)
     ref = gated_linear_gelu_reference(x, weight)
     assert_close(out, ref, dtype, "out")
     # no worse than the unfused path, which rounds the GEMM output to the dtype before the GELU
-    unfused = gated_gelu(x @ weight.T)
+    unfused = gated_gelu(torch.nn.functional.linear(x, weight))
     assert (out.double() - ref).abs().max() <= 1.5 * (unfused.double() - ref).abs().max() + 1e-3
+    # the automatic choice takes it from GATED_GEMM_MIN_ROWS rows, with the same numbers
+    with torch.inference_mode():
+        auto = gated_linear_gelu(x, weight)
+    fused_by_itself = GEMM_KERNEL and rows >= fused_ops.GATED_GEMM_MIN_ROWS
+    assert len(gemm_launches) == int(GEMM_KERNEL) + int(fused_by_itself)
+    torch.testing.assert_close(auto, out if fused_by_itself else unfused, rtol=0, atol=0)
