@@ -6,11 +6,12 @@
     python bench/profile_forward.py --part kernels --rows fixed --compile   # the same for the compiled models
     python bench/profile_forward.py --repo PATH                    # MosaicBERT from another checkout
 
-Pieces: the fused gated GELU, residual + LayerNorm and the attention kernel at base size, each called through its
-public function, through its `torch.library` custom op, through its launcher, and as the PyTorch ops it replaces
-(or that transformers' BERT runs), at 128 tokens (one sequence: host-bound, so the time per call is host time)
-and 32768 tokens (256 x 128: GPU-bound). "host µs" times issuing 200 calls without waiting; "wall µs" times the
-same calls up to a device synchronize, so wall ≈ max(host, GPU).
+Pieces: the fused gated GELU, the gated GEMM (the GLU's Linear with the gated GELU in its epilogue, forced, against
+the Linear + gated GELU kernel the model runs below `fused_ops.GATED_GEMM_MIN_ROWS`), residual + LayerNorm and the
+attention kernel at base size, each called through its public function, through its `torch.library` custom op,
+through its launcher, and as the PyTorch ops it replaces (or that transformers' BERT runs), at 128 tokens (one
+sequence: host-bound, so the time per call is host time) and 32768 tokens (256 x 128: GPU-bound). "host µs" times
+issuing 200 calls without waiting; "wall µs" times the same calls up to a device synchronize, so wall ≈ max(host, GPU).
 
 Kernels: torch.profiler over 5 forwards of MosaicBERT-base and transformers' BertModel-base (sdpa) on the rows
 of `bench/infer.py`; prints the wall time per forward, the GPU kernels' time per forward, the top GPU kernels and
@@ -60,6 +61,7 @@ def pieces(package):
         cu = torch.arange(0, tokens + 1, seqlen, device="cuda", dtype=torch.int32)
         slopes = torch.rand(heads, device="cuda")
         qkv_pad = qkv.view(-1, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        w_glu = torch.randn(2 * inter, hidden, device="cuda", dtype=DTYPE) * hidden**-0.5
         ln_fwd = fused_ops._add_dropout_layer_norm_forward
         glu_fwd = fused_ops._gated_gelu_forward
         ways = [
@@ -67,6 +69,10 @@ def pieces(package):
             ("gated GELU", "custom op", lambda: torch.ops.mosaic_bert.gated_gelu_fwd(g, None, 0.0)),
             ("gated GELU", "launcher", lambda: glu_fwd(g)),
             ("gated GELU", "PyTorch: gelu(a) * b", lambda: F.gelu(g[:, :inter]) * g[:, inter:]),
+            ("gated Linear + GELU", "fused GEMM, public function (forced)",
+             lambda: fused_ops.gated_linear_gelu(x, w_glu, use_triton=True)),
+            ("gated Linear + GELU", "fused GEMM, launcher", lambda: fused_ops._gated_linear_gelu_forward(x, w_glu)),
+            ("gated Linear + GELU", "Linear + gated GELU kernel", lambda: fused_ops.gated_gelu(F.linear(x, w_glu))),
             ("add + LayerNorm", "public function", lambda: fused_ops.add_dropout_layer_norm(x, res, w, b, 1e-12)),
             ("add + LayerNorm", "custom op", lambda: torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
                 x, res, w, b, None, 1e-12, 0.0, DTYPE)),
