@@ -709,6 +709,17 @@ class BertUnpadAttention(nn.Module):
         return self.output(context, hidden_states), probs
 
 
+def _has_forward_hooks(module):
+    """True when calling `module` would run forward (pre-)hooks: its own or the global ones of
+    `torch.nn.modules.module.register_module_forward_hook` / `..._pre_hook`."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(nn.modules.module, "_global_forward_hooks", None)
+        or getattr(nn.modules.module, "_global_forward_pre_hooks", None)
+    )
+
+
 class BertGatedLinearUnitMLP(nn.Module):
     """Gated-GELU MLP: dropout(GELU(x W_g) * (x W_v)) in one fused pass, W_o, then residual + post-LayerNorm."""
 
@@ -724,7 +735,7 @@ class BertGatedLinearUnitMLP(nn.Module):
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
         # a forward hook) runs as itself.
         gated = self.gated_layers
-        if type(gated) is nn.Linear and gated.bias is None and not (gated._forward_hooks or gated._forward_pre_hooks):
+        if type(gated) is nn.Linear and gated.bias is None and not _has_forward_hooks(gated):
             glu = gated_linear_gelu(hidden_states, gated.weight, dropout_p=self.dropout.p, training=self.training)
         else:
             glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)

@@ -546,7 +546,7 @@ class DoubledLinear(torch.nn.Linear):
 @pytest.mark.parametrize("forced_kernels", [False, True])
 def test_glu_mlp_honours_a_hooked_or_replaced_gated_linear(monkeypatch, forced_kernels):
     # The MLP hands a plain Linear's weight to the fused GEMM; a forward hook or a replaced module (an adapter, a
-    # quantized Linear) must still run. A hook doubling the output equals a doubled weight without the hook.
+    # quantized Linear) or a global module hook must still run. A hook doubling the output equals a doubled weight.
     model = tiny_model("AutoModel")
     mb = package_module(model)
     ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
@@ -565,6 +565,12 @@ def test_glu_mlp_honours_a_hooked_or_replaced_gated_linear(monkeypatch, forced_k
         handle = mlp.gated_layers.register_forward_hook(lambda module, args, out: out * 2)
         hooked = mlp(x)
         handle.remove()
+        double_gated = lambda module, args, out: out * 2 if module is mlp.gated_layers else None  # noqa: E731
+        handle = torch.nn.modules.module.register_module_forward_hook(double_gated)
+        try:
+            globally_hooked = mlp(x)
+        finally:
+            handle.remove()
         original = mlp.gated_layers
         mlp.gated_layers = DoubledLinear(original.in_features, original.out_features, bias=False)
         mlp.gated_layers.weight.copy_(original.weight)
@@ -575,4 +581,5 @@ def test_glu_mlp_honours_a_hooked_or_replaced_gated_linear(monkeypatch, forced_k
     assert len(fused_calls) == 2 * int(forced_kernels)
     assert not torch.allclose(plain, doubled)
     torch.testing.assert_close(hooked, doubled)
+    torch.testing.assert_close(globally_hooked, doubled)
     torch.testing.assert_close(replaced, doubled)
