@@ -708,6 +708,7 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
         and not (training and dropout_p > 0.0)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.dtype == weight.dtype
+        and x.device == weight.device  # else F.linear below raises its own error
         and (x.dtype in (torch.float16, torch.bfloat16) or (forced and x.dtype == torch.float32))
         and not _autocast_on(x)
         and _take_triton(use_triton, x)

@@ -558,6 +558,19 @@ def test_gated_linear_gelu_autocast_and_dtypes_follow_the_linear(gemm_launches, 
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_gated_linear_gelu_mismatched_weight_raises(gemm_launches, use_triton):
+    # A weight of another dtype or on another device is an error (F.linear's), never a kernel reading it anyway
+    x, weight = linear_inputs(4, 32, 16, torch.float32)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            gated_linear_gelu(x, weight.to(torch.float16), use_triton=use_triton)
+        if HAS_CUDA:  # x on the GPU, the weight on the CPU
+            with pytest.raises(RuntimeError):
+                gated_linear_gelu(x.half(), weight.half().cpu(), use_triton=use_triton)
+    assert gemm_launches == []
+
+
 def test_gated_linear_gelu_rejects_bad_shapes():
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match=r"\(6, 9\)"):
