@@ -13,6 +13,7 @@ Attention implementations are plain functions in one table, `ATTENTION_FUNCTIONS
 one place that picks an entry.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ from .bert_padding import (
 )
 from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, flash_attn_varlen_qkvpacked_func
-from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu
+from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reuse_cpu_gemm_output
 
 try:  # transformers >= 5: init functions that leave loaded weights alone
     from transformers import initialization as init
@@ -783,13 +784,17 @@ class BertEncoder(nn.Module):
 
         if output_hidden_states:
             hidden = keep(hidden)
-        for i, layer in enumerate(self.layer):
-            last = i == len(self.layer) - 1
-            hidden, probs = layer(hidden, layout, slopes, subset_idx if last and not output_hidden_states else None)
-            if output_hidden_states:
-                hidden = keep(hidden)
-            if output_attentions:
-                all_attentions.append(probs)  # (b, h, s, s) from the dense path
+        # On CPU the GLU's GEMM output goes to one buffer reused by every layer (no fresh pages to fault in)
+        reuse = hidden.device.type == "cpu" and not tracing()
+        with reuse_cpu_gemm_output() if reuse else contextlib.nullcontext():
+            for i, layer in enumerate(self.layer):
+                last = i == len(self.layer) - 1
+                rows = subset_idx if last and not output_hidden_states else None
+                hidden, probs = layer(hidden, layout, slopes, rows)
+                if output_hidden_states:
+                    hidden = keep(hidden)
+                if output_attentions:
+                    all_attentions.append(probs)  # (b, h, s, s) from the dense path
         if subset_idx is not None and output_hidden_states:
             hidden = index_first_axis(hidden, subset_idx)
         return (

@@ -24,7 +24,13 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import fused_ops  # noqa: E402
-from fused_ops import add_dropout_layer_norm, fused_kernels_available, gated_gelu, gated_linear_gelu  # noqa: E402
+from fused_ops import (  # noqa: E402
+    add_dropout_layer_norm,
+    fused_kernels_available,
+    gated_gelu,
+    gated_linear_gelu,
+    reuse_cpu_gemm_output,
+)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 KERNELS = fused_kernels_available(torch.empty(0, device=DEVICE))
@@ -596,6 +602,82 @@ def test_gated_linear_gelu_compiles_without_graph_breaks(use_triton):
     assert any("gated_linear_gelu" in g.code for g in explained.graphs) == use_triton
     with torch.no_grad():
         torch.testing.assert_close(compiled, fn(x, weight))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reuse_cpu_gemm_output: the CPU path's (t, 2i) GEMM output in one reused buffer
+# ------------------------------------------------------------------------------------------------------------
+def scratch_buffers():
+    return getattr(fused_ops._CPU_SCRATCH, "buffers", None)
+
+
+def test_cpu_gemm_output_reused_within_the_block_and_dropped_after():
+    x1, weight = (t.cpu() for t in linear_inputs(9, 32, 24, torch.float32))
+    x2 = x1.flip(0) * 0.5
+    with torch.no_grad():
+        plain1 = gated_linear_gelu(x1, weight, use_triton=False)
+        plain2 = gated_linear_gelu(x2, weight, use_triton=False)
+        assert scratch_buffers() is None
+        with reuse_cpu_gemm_output():
+            out1 = gated_linear_gelu(x1, weight, use_triton=False)
+            buffer = scratch_buffers()[torch.float32]
+            out1_copy = out1.clone()
+            out2 = gated_linear_gelu(x2, weight, use_triton=False)
+            assert scratch_buffers()[torch.float32].data_ptr() == buffer.data_ptr()  # the same memory again
+            with reuse_cpu_gemm_output():  # nested: its own buffers, the outer ones back afterwards
+                gated_linear_gelu(x1[:3], weight, use_triton=False)
+                inner = scratch_buffers()
+            assert scratch_buffers()[torch.float32] is buffer and inner is not scratch_buffers()
+        assert scratch_buffers() is None
+    # a result never aliases the buffer: the second call left the first result as it was
+    torch.testing.assert_close(out1, out1_copy, rtol=0, atol=0)
+    torch.testing.assert_close(out1, plain1, rtol=0, atol=0)
+    torch.testing.assert_close(out2, plain2, rtol=0, atol=0)
+    assert_close(out2, gated_linear_gelu_reference(x2, weight), torch.float32, "out")
+
+
+def test_cpu_gemm_output_not_reused_when_autograd_records_or_autocast():
+    # A recorded graph keeps the GEMM output for the backward: the next call must not overwrite it
+    x, weight = leaves(*(t.cpu() for t in linear_inputs(9, 32, 24, torch.float32)))
+    with reuse_cpu_gemm_output():
+        out = gated_linear_gelu(x, weight, use_triton=False)
+        assert scratch_buffers() == {}
+        gated_linear_gelu(x.detach().flip(0), weight.detach(), use_triton=False)  # would overwrite a shared buffer
+        grads_got = torch.autograd.grad(out, (x, weight), torch.ones_like(out))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert gated_linear_gelu(x, weight, use_triton=False).dtype == torch.bfloat16
+    assert set(scratch_buffers() or {}) == set()
+    x64, w64 = leaves(x.double(), weight.double())
+    ref = gated_linear_gelu_reference(x64, w64)
+    for got, expected, name in zip(grads_got, torch.autograd.grad(ref, (x64, w64), torch.ones_like(ref)),
+                                   ("d_x", "d_weight")):
+        assert_close(got, expected, torch.float32, name)
+
+
+def test_cpu_gemm_output_buffers_are_per_thread():
+    import threading
+
+    weight = rand(48, 32, seed=1, scale=0.2).cpu()
+    inputs = [rand(40, 32, seed=10 + k).cpu() for k in range(4)]
+    expected = [gated_linear_gelu(x, weight, use_triton=False) for x in inputs]
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            with torch.no_grad(), reuse_cpu_gemm_output():
+                for _ in range(20):
+                    results[k] = gated_linear_gelu(inputs[k], weight, use_triton=False)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(4):
+        torch.testing.assert_close(results[k], expected[k], rtol=0, atol=0)
 
 
 def test_reimport_reuses_the_registered_ops():

@@ -583,3 +583,37 @@ def test_glu_mlp_honours_a_hooked_or_replaced_gated_linear(monkeypatch, forced_k
     torch.testing.assert_close(hooked, doubled)
     torch.testing.assert_close(globally_hooked, doubled)
     torch.testing.assert_close(replaced, doubled)
+
+
+def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
+    # The encoder runs its layers inside reuse_cpu_gemm_output on CPU (no graph recorded): every layer's GLU GEMM
+    # writes the same buffer, and the outputs are bit-identical to fresh allocations; training keeps its own.
+    import contextlib
+
+    model = tiny_model("AutoModel", num_hidden_layers=3)
+    mb = package_module(model)
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    ids, mask = ragged_batch([9, 4, 7])
+    seen = []
+    real_scope = mb.reuse_cpu_gemm_output
+
+    @contextlib.contextmanager
+    def watched():
+        with real_scope():
+            yield
+            seen.append(dict(ops._CPU_SCRATCH.buffers))
+
+    monkeypatch.setattr(mb, "reuse_cpu_gemm_output", watched)
+    with torch.no_grad():
+        reused = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(seen) == 1 and set(seen[0]) == {torch.float32}
+    assert seen[0][torch.float32].numel() == int(mask.sum()) * 2 * model.config.intermediate_size
+    monkeypatch.setattr(mb, "reuse_cpu_gemm_output", contextlib.nullcontext)
+    with torch.no_grad():
+        fresh = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+    # with gradients the buffer stays unused, and the result is the same
+    monkeypatch.setattr(mb, "reuse_cpu_gemm_output", watched)
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert seen[-1] == {}
+    torch.testing.assert_close(out.detach(), fresh, rtol=0, atol=0)
