@@ -733,33 +733,31 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
         )
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    forced = (use_triton if use_triton is not None else DEFAULT_USE_TRITON) is True
-    # Short-circuits before reading the size while compiling: unpadded token counts are data-dependent there.
-    large = forced or torch.compiler.is_compiling() or x.numel() >= GATED_GEMM_MIN_ROWS * max(x.shape[-1], 1)
-    if (
-        TensorDescriptor is not None
-        and large
-        and not (training and dropout_p > 0.0)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    compiling = torch.compiler.is_compiling()
+    # What both special paths need: nothing records a graph (neither has a backward, and a saved GEMM output must
+    # not be overwritten), and F.linear would compute in x's dtype on x's device (else it casts, or raises).
+    plain_inference = (
+        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.dtype == weight.dtype
-        and x.device == weight.device  # else F.linear below raises its own error
-        and (x.dtype in (torch.float16, torch.bfloat16) or (forced and x.dtype == torch.float32))
+        and x.device == weight.device
         and not _autocast_on(x)
+    )
+    forced = (use_triton if use_triton is not None else DEFAULT_USE_TRITON) is True
+    if (
+        plain_inference
+        and TensorDescriptor is not None
+        # short-circuits before reading the size while compiling: unpadded token counts are data-dependent there
+        and (forced or compiling or x.numel() >= GATED_GEMM_MIN_ROWS * max(x.shape[-1], 1))
+        and not (training and dropout_p > 0.0)
+        and (x.dtype in (torch.float16, torch.bfloat16) or (forced and x.dtype == torch.float32))
         and _take_triton(use_triton, x)
         and _gated_gemm_capable(x.device)
     ):
-        if torch.compiler.is_compiling():
+        if compiling:
             return torch.ops.mosaic_bert.gated_linear_gelu(x, weight)
         return _gated_linear_gelu_forward(x, weight)
-    if (
-        getattr(_CPU_SCRATCH, "buffers", None) is not None
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
-        and not _autocast_on(x)
-    ):
+    reuse_buffer = getattr(_CPU_SCRATCH, "buffers", None) is not None  # inside `reuse_cpu_gemm_output`
+    if plain_inference and reuse_buffer and x.device.type == "cpu" and not compiling:
         # gated_gelu returns a new tensor: nothing handed back aliases the reused buffer
         gated = _cpu_gemm_into_scratch(x, weight)
     else:
