@@ -37,6 +37,11 @@ except ImportError:  # the model falls back to its PyTorch attention path
     tl = None
     HAS_TRITON = False
 
+try:  # the package's modules import each other relatively; tests and scripts import this file on its own
+    from .triton_launch import cdiv, launch, next_power_of_2
+except ImportError:
+    from triton_launch import cdiv, launch, next_power_of_2
+
 __all__ = ["HAS_TRITON", "check_max_seqlen", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"]
 
 # Triton decides at decoration time whether `@triton.jit` builds an interpreted function, so we read the same
@@ -55,7 +60,7 @@ _OP_NAMESPACE = "mosaic_bert"
 def _seqlen_bucket(max_seqlen):
     """Autotune key for a max_seqlen: the next power of two (at least 16), so ragged batches whose longest
     sequence moves around (97, 113, 120, ...) share one tuned config instead of re-tuning per batch."""
-    return max(16, triton.next_power_of_2(max(max_seqlen, 1)))
+    return max(16, next_power_of_2(max(max_seqlen, 1)))
 
 
 if HAS_TRITON:
@@ -667,14 +672,15 @@ _TUNED_CONFIGS = {}
 
 def _launch_tuned(kernel, grid, bucket, x, *args, **constexprs):
     """kernel[grid](*args, **constexprs) for an autotuned kernel whose tuning key is (bucket, constexprs['HEAD_DIM']);
-    x: a tensor of the launch, whose dtype and device join the key."""
+    grid: a function of the launch's meta-parameters; x: a tensor of the launch, whose dtype and device join the
+    key."""
     key = (kernel, bucket, x.dtype, x.device.index, *constexprs.values())
     config = _TUNED_CONFIGS.get(key)
     if config is None:
         kernel[grid](*args, **constexprs)
         _TUNED_CONFIGS[key] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **constexprs, **config)
+        launch(kernel.fn, grid(config), args, x.device.index, **constexprs, **config)
 
 
 def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -695,7 +701,7 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
     slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
     with _device_of(q):
         _launch_tuned(
@@ -704,7 +710,7 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0), stride_sb, stride_sh,
             softmax_scale * _LOG2E, bucket,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
             HAS_ALIBI=slopes is not None, CAUSAL=causal,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, STORE_LSE=store_lse,
         )
@@ -729,7 +735,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     if q.shape[0] == 0 or k.shape[0] == 0:
         dq.zero_()
         return
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
     slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_ALIBI=slopes is not None, CAUSAL=causal,
@@ -738,14 +744,15 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     delta = torch.empty_like(lse)
     with _device_of(q):
         block_t = 64
-        _bwd_preprocess_kernel[(triton.cdiv(q.shape[0], block_t), heads)](
-            out, dout, delta, q.shape[0],
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
+        launch(
+            _bwd_preprocess_kernel, (cdiv(q.shape[0], block_t), heads, 1),
+            (out, dout, delta, q.shape[0], out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+             delta.stride(0)),
+            q.device.index, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
         )
         # Key sequences shorter than max_seqlen_k exit at once; a key block with no query rows (seqlen_q = 0)
         # still stores zeros.
-        kv_grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)  # noqa: E731
+        kv_grid = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)  # noqa: E731
         _launch_tuned(
             _bwd_kv_kernel, kv_grid, bucket, q,
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, slopes,
@@ -754,7 +761,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
             lse.stride(0), stride_sb, stride_sh,
             softmax_scale * _LOG2E, softmax_scale, bucket, **consts,
         )
-        q_grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+        q_grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
         _launch_tuned(
             _bwd_q_kernel, q_grid, bucket, q,
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, slopes,

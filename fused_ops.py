@@ -35,6 +35,11 @@ except ImportError:  # the public functions fall back to PyTorch ops
     tl = None
     HAS_TRITON = False
 
+try:  # the package's modules import each other relatively; tests and scripts import this file on its own
+    from .triton_launch import cdiv, launch, next_power_of_2
+except ImportError:
+    from triton_launch import cdiv, launch, next_power_of_2
+
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
@@ -309,14 +314,14 @@ def _gelu_launch_config(inter):
     several blocks and a ragged tail."""
     if _INTERPRET:
         return 16, 1
-    block = min(1024, max(32, triton.next_power_of_2(inter)))
+    block = min(1024, max(32, next_power_of_2(inter)))
     return block, max(1, min(4, block // 256))
 
 
 def _layer_norm_launch_config(n_cols):
     """(BLOCK_N, num_warps) for the LayerNorm kernels: the whole row, 256 columns per warp up to 8 warps
     (n = 768 or 1024: 4 warps, 8 fp32 values per thread)."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return block, 1 if _INTERPRET else min(max(block // 256, 1), 8)
 
 
@@ -331,9 +336,11 @@ def _gated_gelu_forward(x, seed=None, dropout_p=0.0):
     x2, out2 = _rows(x), out.view(-1, inter)
     block, num_warps = _gelu_launch_config(inter)
     with _device_context(x):
-        _gated_gelu_fwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out2, x2 if seed is None else seed, x2.stride(0), out2.stride(0), inter, dropout_p,
-            _dropout_scale(dropout_p), BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
+        launch(
+            _gated_gelu_fwd_kernel, (x2.shape[0], cdiv(inter, block), 1),
+            (x2, out2, x2 if seed is None else seed, x2.stride(0), out2.stride(0), inter, dropout_p,
+             _dropout_scale(dropout_p)),
+            x.device.index, BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
         )
     return out
 
@@ -349,9 +356,11 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
     x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, 2 * inter)
     block, num_warps = _gelu_launch_config(inter)
     with _device_context(x):
-        _gated_gelu_bwd_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            g2, x2, dx2, x2 if seed is None else seed, g2.stride(0), x2.stride(0), dx2.stride(0), inter, dropout_p,
-            _dropout_scale(dropout_p), BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
+        launch(
+            _gated_gelu_bwd_kernel, (x2.shape[0], cdiv(inter, block), 1),
+            (g2, x2, dx2, x2 if seed is None else seed, g2.stride(0), x2.stride(0), dx2.stride(0), inter, dropout_p,
+             _dropout_scale(dropout_p)),
+            x.device.index, BLOCK_N=block, HAS_DROPOUT=seed is not None, num_warps=num_warps,
         )
     return dx
 
@@ -421,7 +430,7 @@ def _gated_linear_gelu_forward(x, weight):
         return _gated_gelu_forward(F.linear(x, weight))
     rows = x2.shape[0]
     block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
-    programs = min(triton.cdiv(rows, block_m) * triton.cdiv(inter, block_n), _sm_count(x.device))
+    programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
     with _device_context(x):
         _gated_linear_gelu_kernel[(programs,)](
             TensorDescriptor.from_tensor(x2, [block_m, block_k]),
@@ -458,13 +467,14 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
     has_dropout = seed is not None and dropout_p > 0.0
     block, num_warps = _layer_norm_launch_config(n_cols)
     with _device_context(x):
-        _add_dropout_layer_norm_fwd_kernel[(x2.shape[0],)](
-            x2, r2, weight.contiguous(), bias.contiguous(), out2, x2 if mean is None else mean,
-            x2 if rstd is None else rstd, seed if has_dropout else x2,
-            x2.stride(0), r2.stride(0), out2.stride(0),
-            n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p),
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_STATS=store_stats, BLOCK_N=block,
-            num_warps=num_warps,
+        launch(
+            _add_dropout_layer_norm_fwd_kernel, (x2.shape[0], 1, 1),
+            (x2, r2, weight.contiguous(), bias.contiguous(), out2, x2 if mean is None else mean,
+             x2 if rstd is None else rstd, seed if has_dropout else x2,
+             x2.stride(0), r2.stride(0), out2.stride(0),
+             n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p)),
+            x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_STATS=store_stats,
+            BLOCK_N=block, num_warps=num_warps,
         )
     return out, mean, rstd
 
@@ -501,12 +511,14 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block, num_warps = _layer_norm_launch_config(n_cols)
     with _device_context(x):
-        _add_dropout_layer_norm_bwd_kernel[(programs,)](
-            g2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
-            dx2, dr2, dw_partial, db_partial,
-            g2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
-            n_rows, n_cols, triton.cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p),
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block, num_warps=num_warps,
+        launch(
+            _add_dropout_layer_norm_bwd_kernel, (programs, 1, 1),
+            (g2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
+             dx2, dr2, dw_partial, db_partial,
+             g2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
+             n_rows, n_cols, cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p)),
+            x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block,
+            num_warps=num_warps,
         )
     return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype)
 

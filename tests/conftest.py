@@ -14,7 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 # The package's code: the remote-code modules a model folder needs next to config.json.
-CODE_FILES = ["configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py", "fused_ops.py"]
+CODE_FILES = [
+    "configuration_bert.py", "modeling_bert.py", "bert_padding.py", "flash_attn_triton.py", "fused_ops.py",
+    "triton_launch.py",
+]
 TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

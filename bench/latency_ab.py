@@ -1,0 +1,94 @@
+"""Eager inference latency of MosaicBERT-base against transformers' BERT-base (sdpa), and optionally against another
+checkout of MosaicBERT, timed in alternation in one process.
+
+    python bench/latency_ab.py                                 # batch 1 x 128 and batch 8 x 16-256
+    python bench/latency_ab.py --repo ../old-checkout --rows latency fixed
+
+A forward of a small batch waits on the host (Python, kernel launches), and on a shared machine host speed drifts
+by tens of percent between processes and within one, so latencies measured in separate runs do not compare. Here
+all models are built once (bf16, `inference_mode`, the batches of `bench/infer.py`) and each round times
+`--forwards` forwards of every model on every row with CUDA events, rotating the order; the table gives the minimum
+(least disturbed) and the median over rounds, in ms per forward, and each model's minimum over BERT's.
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import infer  # noqa: E402  (rows, batches and model builders shared with the inference benchmark)
+
+
+def build_models(other_repo):
+    models = {}
+    for name, repo in (("mosaic", REPO), ("mosaic --repo", other_repo)):
+        if repo is None:
+            continue
+        infer.MODEL_REPO = Path(repo).resolve()
+        torch.manual_seed(0)
+        models[name] = infer.ours().to("cuda", infer.DTYPE).eval()
+    infer.MODEL_REPO = REPO
+    torch.manual_seed(0)
+    models["BERT sdpa"] = infer.hf_bert().to("cuda", infer.DTYPE).eval()
+    return models
+
+
+def time_rounds(models, rows, rounds, forwards, warmup=5):
+    """{(row, model): [ms per forward of each round]}."""
+    batches = {row: infer.make_batch(row)[0] for row in rows}
+    names = list(models)
+    times = {(row, name): [] for row in rows for name in names}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.inference_mode():
+        for row in rows:
+            for name in names:
+                for _ in range(warmup):
+                    models[name](**batches[row])
+        torch.cuda.synchronize()
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for row in rows:
+                for name in order:
+                    model, batch = models[name], batches[row]
+                    start.record()
+                    for _ in range(forwards):
+                        model(**batch)
+                    end.record()
+                    end.synchronize()
+                    times[(row, name)].append(start.elapsed_time(end) / forwards)
+    return times
+
+
+def table(times, rows, names):
+    lines = ["| batch | model | min ms | median ms | min ÷ BERT's min |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        base = min(times[(row, "BERT sdpa")])
+        for name in names:
+            t = times[(row, name)]
+            lines.append(f"| {row} | {name} | {min(t):.2f} | {statistics.median(t):.2f} | {min(t) / base:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", help="another MosaicBERT checkout to time beside this one")
+    parser.add_argument("--rows", nargs="*", default=["latency"], help="bench/infer.py rows containing one of these")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--forwards", type=int, default=20, help="forwards per model, row and round")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    rows = [r for r in infer.ROWS if any(s in r for s in args.rows)]
+    models = build_models(args.repo)
+    times = time_rounds(models, rows, args.rounds, args.forwards)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} "
+          f"forwards; mosaic --repo = {args.repo}")
+    print(table(times, rows, list(models)))
+
+
+if __name__ == "__main__":
+    main()

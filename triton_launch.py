@@ -1,0 +1,143 @@
+# Copyright 2026 The MosaicBERT package authors. Apache-2.0.
+"""Launching the package's Triton kernels with less host time than `kernel[grid](...)`.
+
+On every call, `JITFunction.run` works out how each argument specializes the kernel (dtype, 16-byte alignment,
+integer width, divisibility by 16, the value 1), formats the compile options into a cache key, looks the device and
+stream up and checks the kernel's globals before it reaches the compiled launcher: 20-60 µs of host time a launch,
+which is what a small batch's forward waits on. `launch` makes a key's first call through Triton (which compiles or
+finds the kernel) and keeps the compiled kernel that call returns; later calls with the same key go straight to its
+launcher (the compiled kernel's `run`, as `JITFunction.run` calls it). The key is at least as fine as Triton's own
+specialization (`test_triton_launch.py` checks that against Triton's specializer), so a kept kernel only runs where
+Triton would have picked the same one.
+
+The shortcut is taken only with the Triton releases whose launch path it was checked against (`FAST_LAUNCH`);
+otherwise, and under Triton's interpreter, every call goes through `kernel[grid](...)`. The file imports without
+Triton.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    from triton.compiler import CompiledKernel
+except ImportError:
+    triton = None
+    CompiledKernel = None
+try:
+    from triton import knobs
+    from triton.knobs import HookChain
+except ImportError:  # triton < 3.4: no fast path (FAST_LAUNCH below is off)
+    knobs = HookChain = None
+
+__all__ = ["FAST_LAUNCH", "MAX_KEPT", "cdiv", "launch", "launch_signature", "next_power_of_2"]
+
+
+def _triton_version():
+    try:
+        return tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return (0, 0)
+
+
+_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0").lower() in (
+    "1", "true", "yes", "on", "y"
+)
+# The releases whose `JITFunction.run` and `CompiledKernel.__getitem__` this was written against (3.6 and 3.9 read;
+# 3.6 run on a GPU). A module-level switch, so a test or a user can turn the shortcut off.
+FAST_LAUNCH = knobs is not None and not _INTERPRET and (3, 6) <= _triton_version() < (3, 10)
+
+try:
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - older torch
+
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def cdiv(a, b):
+    """ceil(a / b) for host ints (`triton.cdiv` is a constexpr function whose host call costs a few µs)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n for host ints (0 for n = 0, as `triton.next_power_of_2`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def launch_signature(args):
+    """The key part of positional launch arguments: a tensor's dtype and whether its address is 16-byte aligned
+    (what Triton specializes a pointer on); any other argument's type and value, which is finer than Triton's
+    specialization (an int's width, whether it is 1, whether 16 divides it; a float's type). None when an
+    argument is not hashable (a tensor descriptor)."""
+    signature = tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args
+    )
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
+
+
+def _constexpr_tail(kernel, n_args, kwargs):
+    """The values of the kernel's parameters after the `n_args` positional ones, in signature order, when all of
+    them are constexprs (given in kwargs or defaulted); else None (such a launch is not kept)."""
+    tail = []
+    for param in kernel.params[n_args:]:
+        if not param.is_constexpr:
+            return None
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif param.has_default:
+            tail.append(param.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def _no_hook(hook):
+    """A launch hook that does nothing: None, or an empty chain (Triton's default: `knobs.runtime.launch_*_hook`
+    are `HookChain`s that profilers such as proton add to)."""
+    return hook is None or (type(hook) is HookChain and not hook.calls)
+
+
+# (kernel, device index, keyword arguments, argument signature) -> (compiled kernel, constexpr values). Keys carry
+# the values of integer arguments (strides, sizes), so the number of keys is capped: past it, new keys launch
+# through Triton without being kept.
+_COMPILED = {}
+MAX_KEPT = 4096
+
+
+def launch(kernel, grid, args, device_index, **kwargs):
+    """`kernel[grid](*args, **kwargs)` for a `triton.jit` function, with the host work after a key's first launch
+    cut to the launcher call. grid: a tuple of three ints; args: the non-constexpr arguments, positionally;
+    kwargs: constexprs and launch options (num_warps, num_stages); device_index: the CUDA device the arguments
+    live on, current at the call."""
+    if FAST_LAUNCH:
+        signature = launch_signature(args)
+        if signature is not None:
+            key = (kernel, device_index, *kwargs.items(), signature)
+            try:
+                entry = _COMPILED.get(key)
+            except TypeError:  # an unhashable option value: not kept
+                entry = key = None
+            if entry is not None:
+                compiled, tail = entry
+                hooks = knobs.runtime
+                if _no_hook(hooks.launch_enter_hook) and _no_hook(hooks.launch_exit_hook):
+                    compiled.run(
+                        grid[0], grid[1], grid[2], _raw_stream(device_index), compiled.function,
+                        compiled.packed_metadata, None, None, None, *args, *tail,
+                    )
+                else:  # a profiler's launch hooks: Triton's own runner calls them
+                    compiled[grid](*args, *tail, stream=_raw_stream(device_index))
+                return
+            compiled = kernel[grid](*args, **kwargs)
+            tail = _constexpr_tail(kernel, len(args), kwargs)
+            if key is not None and tail is not None and isinstance(compiled, CompiledKernel):
+                if len(_COMPILED) < MAX_KEPT:
+                    _COMPILED[key] = (compiled, tail)
+            return
+    kernel[grid](*args, **kwargs)
