@@ -506,37 +506,46 @@ def _check_options(dropout_p, softmax_scale, head_dim):
     return float(softmax_scale)
 
 
-def _check_qkv(q, k, v):
-    """Shapes, dtypes, devices and layout of q/k/v; returns (heads, head_dim)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} must have shape (total_tokens, heads, head_dim), got {tuple(x.shape)}")
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32")
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides {x.stride()}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+def _check_qkv_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (total_tokens, heads, head_dim), got {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides {x.stride()}")
+
+
+def _check_device_and_head_dim(q):
     if q.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(
             f"flash_attn_triton runs on CUDA tensors, got a tensor on {q.device} (on CPU it runs only under "
             "Triton's interpreter: set TRITON_INTERPRET=1 before importing this module)"
         )
+    head_dim = q.shape[2]
+    if not (_MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM) or head_dim % 8 != 0:
+        raise ValueError(
+            f"head_dim {head_dim} is not supported: it must be a multiple of 8 between {_MIN_HEAD_DIM} and "
+            f"{_MAX_HEAD_DIM}"
+        )
+
+
+def _check_qkv(q, k, v):
+    """Shapes, dtypes, devices and layout of q/k/v; returns (heads, head_dim)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_qkv_tensor(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     heads, head_dim = q.shape[1], q.shape[2]
     if k.shape != v.shape or k.shape[1:] != q.shape[1:]:
         raise ValueError(
             f"k and v must have shape (total_tokens_k, {heads}, {head_dim}) like q's heads and head_dim, "
             f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
         )
-    if not (_MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM) or head_dim % 8 != 0:
-        raise ValueError(
-            f"head_dim {head_dim} is not supported: it must be a multiple of 8 between {_MIN_HEAD_DIM} and "
-            f"{_MAX_HEAD_DIM}"
-        )
+    _check_device_and_head_dim(q)
     return heads, head_dim
 
 
@@ -959,7 +968,12 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
         raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
     softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
     q, k, v = qkv.unbind(1)
-    _check_inputs(q, k, v, cu_seqlens, cu_seqlens, alibi_slopes)
+    # k and v are views of qkv like q: the same dtype, device, shape and strides, so q is checked for all three
+    _check_qkv_tensor("qkv", q)
+    _check_device_and_head_dim(q)
+    _check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
+    if alibi_slopes is not None:
+        _check_slopes(alibi_slopes, cu_seqlens.numel() - 1, q.shape[1], q.device)
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)

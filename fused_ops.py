@@ -304,6 +304,8 @@ def _require_triton():
 
 def _rows(tensor):
     """`tensor` (..., c) as a (rows, c) view (a copy only if no view exists), columns contiguous."""
+    if tensor.dim() == 2 and tensor.stride(1) == 1:  # the model's (tokens, hidden) activations: as they are
+        return tensor
     rows = tensor.reshape(-1, tensor.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
@@ -815,8 +817,11 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
         # promote_types, not result_type: dynamo traces the former as a constant, the latter is a graph break
         out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     dropout_p = float(dropout_p) if training else 0.0
-    dtypes = (x.dtype, weight.dtype, bias.dtype, out_dtype) + ((residual.dtype,) if residual is not None else ())
-    supported = all(d in _SUPPORTED_DTYPES for d in dtypes) and 0 < hidden * 4 <= _MAX_ROW_BYTES
+    supported = (
+        x.dtype in _SUPPORTED_DTYPES and weight.dtype in _SUPPORTED_DTYPES and bias.dtype in _SUPPORTED_DTYPES
+        and out_dtype in _SUPPORTED_DTYPES and (residual is None or residual.dtype in _SUPPORTED_DTYPES)
+        and 0 < hidden * 4 <= _MAX_ROW_BYTES
+    )
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
         if _through_op(x, residual, weight, bias):

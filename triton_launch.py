@@ -18,6 +18,7 @@ Triton.
 import os
 
 import torch
+from torch import Tensor
 
 try:
     import triton
@@ -66,14 +67,17 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def _signature(args):
+    # a tensor: dtype and 16-byte alignment; anything else: type and value (may be unhashable)
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else (type(a), a) for a in args])
+
+
 def launch_signature(args):
     """The key part of positional launch arguments: a tensor's dtype and whether its address is 16-byte aligned
     (what Triton specializes a pointer on); any other argument's type and value, which is finer than Triton's
     specialization (an int's width, whether it is 1, whether 16 divides it; a float's type). None when an
     argument is not hashable (a tensor descriptor)."""
-    signature = tuple(
-        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args
-    )
+    signature = _signature(args)
     try:
         hash(signature)
     except TypeError:
@@ -115,29 +119,27 @@ def launch(kernel, grid, args, device_index, **kwargs):
     cut to the launcher call. grid: a tuple of three ints; args: the non-constexpr arguments, positionally;
     kwargs: constexprs and launch options (num_warps, num_stages); device_index: the CUDA device the arguments
     live on, current at the call."""
-    if FAST_LAUNCH:
-        signature = launch_signature(args)
-        if signature is not None:
-            key = (kernel, device_index, *kwargs.items(), signature)
-            try:
-                entry = _COMPILED.get(key)
-            except TypeError:  # an unhashable option value: not kept
-                entry = key = None
-            if entry is not None:
-                compiled, tail = entry
-                hooks = knobs.runtime
-                if _no_hook(hooks.launch_enter_hook) and _no_hook(hooks.launch_exit_hook):
-                    compiled.run(
-                        grid[0], grid[1], grid[2], _raw_stream(device_index), compiled.function,
-                        compiled.packed_metadata, None, None, None, *args, *tail,
-                    )
-                else:  # a profiler's launch hooks: Triton's own runner calls them
-                    compiled[grid](*args, *tail, stream=_raw_stream(device_index))
-                return
-            compiled = kernel[grid](*args, **kwargs)
-            tail = _constexpr_tail(kernel, len(args), kwargs)
-            if key is not None and tail is not None and isinstance(compiled, CompiledKernel):
-                if len(_COMPILED) < MAX_KEPT:
-                    _COMPILED[key] = (compiled, tail)
-            return
-    kernel[grid](*args, **kwargs)
+    if not FAST_LAUNCH:
+        kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, device_index, *kwargs.items(), _signature(args))
+    try:
+        entry = _COMPILED.get(key)  # hashing the key is the check that it can be one
+    except TypeError:  # an unhashable argument or option value: not kept
+        kernel[grid](*args, **kwargs)
+        return
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)
+        tail = _constexpr_tail(kernel, len(args), kwargs)
+        if tail is not None and isinstance(compiled, CompiledKernel) and len(_COMPILED) < MAX_KEPT:
+            _COMPILED[key] = (compiled, tail)
+        return
+    compiled, tail = entry
+    hooks = knobs.runtime
+    if _no_hook(hooks.launch_enter_hook) and _no_hook(hooks.launch_exit_hook):
+        compiled.run(
+            grid[0], grid[1], grid[2], _raw_stream(device_index), compiled.function, compiled.packed_metadata,
+            None, None, None, *args, *tail,
+        )
+    else:  # a profiler's launch hooks: Triton's own runner calls them
+        compiled[grid](*args, *tail, stream=_raw_stream(device_index))

@@ -409,6 +409,22 @@ def test_error_alibi_slopes():
         flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, alibi_slopes=torch.ones(2, device="meta"))
 
 
+def test_error_packed_inputs():
+    # the packed function checks q's view of qkv for all three (k and v share its dtype, device and layout)
+    q, k, v, cu = _inputs()
+    qkv = torch.stack([q, k, v], 1)
+    with pytest.raises(TypeError, match="qkv has dtype torch.int32"):
+        flash_attn_varlen_qkvpacked_func(qkv.int(), cu, 4)
+    with pytest.raises(ValueError, match="qkv must be contiguous in its last"):
+        flash_attn_varlen_qkvpacked_func(qkv.transpose(2, 3).contiguous().transpose(2, 3), cu, 4)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        flash_attn_varlen_qkvpacked_func(qkv, cu.long(), 4)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(2,\) or \(2, 2\)"):
+        flash_attn_varlen_qkvpacked_func(qkv, cu, 4, alibi_slopes=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="head_dim 12"):
+        flash_attn_varlen_qkvpacked_func(torch.zeros(4, 3, 2, 12, device=DEVICE), cu, 4)
+
+
 def test_error_max_seqlen_type():
     q, k, v, cu = _inputs()
     with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
