@@ -47,6 +47,10 @@ from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, flash_attn_varlen_qkvpacked_func
 from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reuse_cpu_gemm_output
 
+# Not used here: transformers 4.x copies only the modeling file's own relative imports of a local model folder into
+# its module cache, and fused_ops.py and flash_attn_triton.py import this one.
+from .triton_launch import FAST_LAUNCH  # noqa: F401
+
 try:  # transformers >= 5: init functions that leave loaded weights alone
     from transformers import initialization as init
 except ImportError:  # transformers 4.x
