@@ -3,6 +3,7 @@ checkout of MosaicBERT, timed in alternation in one process.
 
     python bench/latency_ab.py                                 # batch 1 x 128 and batch 8 x 16-256
     python bench/latency_ab.py --repo ../old-checkout --rows latency fixed
+    python bench/latency_ab.py --smoke                         # CPU dry run (tests/test_bench_smoke.py)
 
 A forward of a small batch waits on the host (Python, kernel launches), and on a shared machine host speed drifts
 by tens of percent between processes and within one, so latencies measured in separate runs do not compare. Here
@@ -14,6 +15,7 @@ all models are built once (bf16, `inference_mode`, the batches of `bench/infer.p
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,11 +32,33 @@ def build_models(other_repo):
             continue
         infer.MODEL_REPO = Path(repo).resolve()
         torch.manual_seed(0)
-        models[name] = infer.ours().to("cuda", infer.DTYPE).eval()
+        models[name] = infer.ours().to(infer.DEVICE, infer.DTYPE).eval()
     infer.MODEL_REPO = REPO
     torch.manual_seed(0)
-    models["BERT sdpa"] = infer.hf_bert().to("cuda", infer.DTYPE).eval()
+    models["BERT sdpa"] = infer.hf_bert().to(infer.DEVICE, infer.DTYPE).eval()
     return models
+
+
+class Timer:
+    """Milliseconds between start() and stop(): CUDA events on the GPU (stop waits for them), the wall clock on CPU."""
+
+    def __init__(self):
+        self.cuda = infer.DEVICE == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        if self.cuda:
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if not self.cuda:
+            return (time.perf_counter() - self.t0) * 1e3
+        self.end.record()
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end)
 
 
 def time_rounds(models, rows, rounds, forwards, warmup=5):
@@ -42,24 +66,23 @@ def time_rounds(models, rows, rounds, forwards, warmup=5):
     batches = {row: infer.make_batch(row)[0] for row in rows}
     names = list(models)
     times = {(row, name): [] for row in rows for name in names}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    timer = Timer()
     with torch.inference_mode():
         for row in rows:
             for name in names:
                 for _ in range(warmup):
                     models[name](**batches[row])
-        torch.cuda.synchronize()
+        if timer.cuda:
+            torch.cuda.synchronize()
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for row in rows:
                 for name in order:
                     model, batch = models[name], batches[row]
-                    start.record()
+                    timer.start()
                     for _ in range(forwards):
                         model(**batch)
-                    end.record()
-                    end.synchronize()
-                    times[(row, name)].append(start.elapsed_time(end) / forwards)
+                    times[(row, name)].append(timer.stop() / forwards)
     return times
 
 
@@ -79,14 +102,19 @@ def main():
     parser.add_argument("--rows", nargs="*", default=["latency"], help="bench/infer.py rows containing one of these")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forwards", type=int, default=20, help="forwards per model, row and round")
+    parser.add_argument("--smoke", action="store_true", help="CPU dry run: fp32, tiny models and batches, 2 rounds")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
+    if args.smoke:  # as bench/infer.py --smoke
+        infer.DEVICE, infer.DTYPE, infer.SMOKE = "cpu", torch.float32, True
+        args.rounds, args.forwards = 2, 1
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --smoke)")
     rows = [r for r in infer.ROWS if any(s in r for s in args.rows)]
     models = build_models(args.repo)
-    times = time_rounds(models, rows, args.rounds, args.forwards)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} "
-          f"forwards; mosaic --repo = {args.repo}")
+    times = time_rounds(models, rows, args.rounds, args.forwards, warmup=1 if args.smoke else 5)
+    device = torch.cuda.get_device_name() if infer.DEVICE == "cuda" else "cpu"
+    print(f"{device}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} forwards; "
+          f"mosaic --repo = {args.repo}")
     print(table(times, rows, list(models)))
 
 

@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end on the CPU: bench/infer.py --smoke and bench/eval_length.py on a small text."""
+"""The benchmark scripts run end to end on the CPU: bench/infer.py --smoke, bench/latency_ab.py --smoke and
+bench/eval_length.py on a small text."""
 
 import json
 import os
@@ -36,6 +37,18 @@ def test_infer_smoke_runs_every_variant_and_row(tmp_path):
         assert r["tok_s"] > 0 and r["ms"] > 0 and 0 < r["real_tokens"] <= r["padded_tokens"]
         assert r["vs_bert_eager"] > 0 and r["vs_bert_compiled"] > 0
     assert "| batch | model | real tok/s |" in stdout and "host syncs per forward" in stdout
+
+
+def test_latency_ab_smoke_times_every_model_on_every_row(tmp_path):
+    stdout = run(["bench/latency_ab.py", "--smoke", "--repo", str(REPO)], tmp_path)
+    lines = [line.split("|") for line in stdout.splitlines() if line.startswith("| latency")]
+    got = {(cells[1].strip(), cells[2].strip()) for cells in lines}
+    rows = [row for row in infer.ROWS if "latency" in row]
+    assert got == {(row, model) for row in rows for model in ("mosaic", "mosaic --repo", "BERT sdpa")}
+    for cells in lines:
+        low, median, ratio = (float(c) for c in cells[3:6])
+        assert 0 < low <= median and ratio > 0
+    assert all(float(cells[5]) == 1.0 for cells in lines if cells[2].strip() == "BERT sdpa")
 
 
 def test_sync_count_reads_the_debug_mode_warnings():
