@@ -38,11 +38,17 @@ except ImportError:  # the model falls back to its PyTorch attention path
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import cdiv, launch, next_power_of_2
+    from .triton_launch import cdiv, launch, next_power_of_2, relaunch
 except ImportError:
-    from triton_launch import cdiv, launch, next_power_of_2
+    from triton_launch import cdiv, launch, next_power_of_2, relaunch
 
-__all__ = ["HAS_TRITON", "check_max_seqlen", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"]
+__all__ = [
+    "HAS_TRITON",
+    "PackedSelfAttention",
+    "check_max_seqlen",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+]
 
 # Triton decides at decoration time whether `@triton.jit` builds an interpreted function, so we read the same
 # switch once, here, to pick a tiny autotune list for the (very slow) interpreter.
@@ -682,14 +688,41 @@ _TUNED_CONFIGS = {}
 def _launch_tuned(kernel, grid, bucket, x, *args, **constexprs):
     """kernel[grid](*args, **constexprs) for an autotuned kernel whose tuning key is (bucket, constexprs['HEAD_DIM']);
     grid: a function of the launch's meta-parameters; x: a tensor of the launch, whose dtype and device join the
-    key."""
+    key. Returns (the kept kernel, the grid) for `relaunch` once a tuned launch is kept, else (None, None)."""
     key = (kernel, bucket, x.dtype, x.device.index, *constexprs.values())
     config = _TUNED_CONFIGS.get(key)
     if config is None:
         kernel[grid](*args, **constexprs)
         _TUNED_CONFIGS[key] = kernel.best_config.all_kwargs()
-    else:
-        launch(kernel.fn, grid(config), args, x.device.index, **constexprs, **config)
+        return None, None
+    grid = grid(config)
+    return launch(kernel.fn, grid, args, x.device.index, **constexprs, **config), grid
+
+
+def _forward_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    causal, alibi_slopes):
+    """Launches the forward kernel into out (and lse unless None); returns (the kept kernel or None, the grid, the
+    arguments after the eight pointers), which `PackedSelfAttention` relaunches layer after layer."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    batch = cu_seqlens_q.numel() - 1
+    slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
+    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
+    scalars = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0), stride_sb, stride_sh,
+        softmax_scale * _LOG2E, bucket,
+    )
+    with _device_of(q):
+        kept, grid = _launch_tuned(
+            _fwd_kernel, grid, bucket, q,
+            q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
+            *scalars,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
+            HAS_ALIBI=slopes is not None, CAUSAL=causal,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, STORE_LSE=lse is not None,
+        )
+    return kept, grid, scalars
 
 
 def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -703,26 +736,12 @@ def _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     Returns out (t_q, h, d) in q's dtype, contiguous, and lse (h, t_q) fp32 (base-2 log-sum-exp), or None with
     store_lse=False (a forward no backward will follow: one allocation and store fewer).
     """
-    heads, head_dim = q.shape[1], q.shape[2]
-    batch = cu_seqlens_q.numel() - 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device) if store_lse else None
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if store_lse else None
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out, lse
-    slopes, stride_sb, stride_sh = _slopes_strides(alibi_slopes)
-    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
-    with _device_of(q):
-        _launch_tuned(
-            _fwd_kernel, grid, bucket, q,
-            q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0), stride_sb, stride_sh,
-            softmax_scale * _LOG2E, bucket,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
-            HAS_ALIBI=slopes is not None, CAUSAL=causal,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, STORE_LSE=store_lse,
-        )
+    _forward_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                    alibi_slopes)
     return out, lse
 
 
@@ -949,6 +968,23 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out
 
 
+def _check_packed(qkv, cu_seqlens, dropout_p, softmax_scale, alibi_slopes):
+    """The checks of a packed self-attention call (shapes, dtypes, devices; no values read). Returns the softmax
+    scale as a float."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
+    softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
+    # k and v are views of qkv like q: the same dtype, device, shape and strides, so q is checked for all three
+    q = qkv.select(1, 0)
+    _check_qkv_tensor("qkv", q)
+    _check_device_and_head_dim(q)
+    _check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
+    if alibi_slopes is not None:
+        _check_slopes(alibi_slopes, cu_seqlens.numel() - 1, q.shape[1], q.device)
+    return softmax_scale
+
+
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      alibi_slopes=None, deterministic=True, max_seqlen_checked=False):
     """Self-attention over a packed batch, taking q, k and v as one tensor.
@@ -963,17 +999,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     Returns:
         `torch.Tensor` of shape `(total_tokens, heads, head_dim)` in qkv's dtype.
     """
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"qkv must have shape (total_tokens, 3, heads, head_dim), got {shape}")
-    softmax_scale = _check_options(dropout_p, softmax_scale, qkv.shape[-1])
-    q, k, v = qkv.unbind(1)
-    # k and v are views of qkv like q: the same dtype, device, shape and strides, so q is checked for all three
-    _check_qkv_tensor("qkv", q)
-    _check_device_and_head_dim(q)
-    _check_cu_seqlens("cu_seqlens", cu_seqlens, q.device)
-    if alibi_slopes is not None:
-        _check_slopes(alibi_slopes, cu_seqlens.numel() - 1, q.shape[1], q.device)
+    softmax_scale = _check_packed(qkv, cu_seqlens, dropout_p, softmax_scale, alibi_slopes)
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
@@ -982,6 +1008,61 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
             qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
         )
     else:  # the views of qkv checked above, straight to the launcher
+        q, k, v = qkv.unbind(1)
         out, _ = _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
                                      bool(causal), alibi_slopes, store_lse=False)
     return out
+
+
+class PackedSelfAttention:
+    """`flash_attn_varlen_qkvpacked_func` over one packed batch, for a caller that runs it layer after layer (the
+    model's encoder makes one per forward): `attention(qkv)` for each layer's qkv.
+
+    max_seqlen is checked against cu_seqlens once, here (unless max_seqlen_checked). A qkv with the shape,
+    strides, dtype and device of the one before is not checked again; when nothing records a graph and
+    torch.compile is not tracing, its launch also reuses the previous launch's kernel and arguments (`relaunch`)
+    if q's and the output's addresses have the same alignment as then, so a layer's host work is the output's
+    allocation and the launcher call. Autograd and torch.compile take `flash_attn_varlen_qkvpacked_func`.
+
+    Args:
+        cu_seqlens, max_seqlen, softmax_scale, causal, alibi_slopes, max_seqlen_checked: as in
+            `flash_attn_varlen_qkvpacked_func` (no dropout).
+    """
+
+    def __init__(self, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, alibi_slopes=None,
+                 max_seqlen_checked=False):
+        _require_triton()
+        self.cu_seqlens, self.alibi_slopes = cu_seqlens, alibi_slopes
+        self.softmax_scale, self.causal = softmax_scale, bool(causal)
+        self.max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
+        if not max_seqlen_checked:
+            _assert_max_seqlen("max_seqlen", cu_seqlens, self.max_seqlen)
+        self._checked = None  # (shape, strides, dtype, device) of the last qkv, and its softmax scale
+        self._kept = None  # (kept kernel, grid, non-pointer arguments, (q, out) addresses mod 16) of the last launch
+
+    def __call__(self, qkv):
+        if _through_op(qkv):
+            return flash_attn_varlen_qkvpacked_func(
+                qkv, self.cu_seqlens, self.max_seqlen, softmax_scale=self.softmax_scale, causal=self.causal,
+                alibi_slopes=self.alibi_slopes, max_seqlen_checked=True,
+            )
+        layout = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device) if isinstance(qkv, torch.Tensor) else None
+        if self._checked is None or layout is None or layout != self._checked[0]:
+            scale = _check_packed(qkv, self.cu_seqlens, 0.0, self.softmax_scale, self.alibi_slopes)
+            self._checked, self._kept = (layout, scale), None
+        q, k, v = qkv.unbind(1)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if q.shape[0] == 0 or self.max_seqlen == 0:
+            return out
+        cu, slopes, kept = self.cu_seqlens, self.alibi_slopes, self._kept
+        alignment = (q.data_ptr() % 16, out.data_ptr() % 16)
+        if kept is not None and kept[3] == alignment:
+            entry, grid, scalars, _ = kept
+            with _device_of(q):
+                relaunch(entry, grid, (q, k, v, out, out, cu, cu, q if slopes is None else slopes, *scalars),
+                         q.device.index)
+        else:
+            entry, grid, scalars = _forward_launch(q, k, v, out, None, cu, cu, self.max_seqlen, self.max_seqlen,
+                                                   self._checked[1], self.causal, slopes)
+            self._kept = None if entry is None else (entry, grid, scalars, alignment)
+        return out

@@ -290,8 +290,48 @@ if HAS_TRITON:
                 a = x_desc.load([row0, k])
                 gate = tl.dot(a, gate_desc.load([col0, k]).T, gate, input_precision=DOT_PRECISION)
                 value = tl.dot(a, value_desc.load([col0, k]).T, value, input_precision=DOT_PRECISION)
-            out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU, as gated_gelu
-            out_desc.store([row0, col0], out.to(out_desc.dtype))
+            out_desc.store([row0, col0], _gelu_times(gate, value).to(out_desc.dtype))
+
+    @triton.jit
+    def _gelu_times(gate, value):
+        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU, as gated_gelu
+
+    @triton.jit
+    def _gated_linear_gelu_small_kernel(
+        X,  # (t, n); row stride stride_xt, columns contiguous
+        WGate, WValue,  # (i, n) each, row stride stride_wt, columns contiguous: the weight's two halves
+        Out,  # (t, i); row stride stride_ot, columns contiguous
+        t, inter, hidden,
+        stride_xt, stride_wt, stride_ot,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # The gated GEMM for a few rows: plain pointer loads (no TMA descriptors to build on the host), one output
+        # tile per program, grid (column blocks of i, row blocks of t). Any alignment and strides; masked edges.
+        col0 = tl.program_id(0) * BLOCK_N
+        row0 = tl.program_id(1) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok = rows < t
+        col_ok = cols < inter
+        x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :]
+        w_offsets = cols.to(tl.int64)[None, :] * stride_wt + ks[:, None]  # (BLOCK_K, BLOCK_N) tiles of W^T
+        gate_ptrs = WGate + w_offsets
+        value_ptrs = WValue + w_offsets
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            gate = tl.dot(a, tl.load(gate_ptrs, mask=w_mask, other=0.0), gate, input_precision=DOT_PRECISION)
+            value = tl.dot(a, tl.load(value_ptrs, mask=w_mask, other=0.0), value, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            gate_ptrs += BLOCK_K
+            value_ptrs += BLOCK_K
+        out = _gelu_times(gate, value)
+        out_ptrs = Out + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :]
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -381,11 +421,21 @@ def _gated_linear_config(rows):
 
 _SM_COUNTS = {}
 _GATED_GEMM_CAPABLE = {}
-# Rows from which `gated_linear_gelu` takes the fused GEMM by itself. Below, a forward is bound by host time per
-# launch, the GPU saving is a few µs, and a launch with four TMA descriptors costs more host time than the two
-# launches it replaces (BENCHMARKS.md, 2026-12-06); forcing the kernels (use_triton=True) or compiling takes it
-# at any size.
-GATED_GEMM_MIN_ROWS = 8192
+# Rows from which the gated GEMM runs as the persistent TMA kernel. Below, the pointer-load kernel: a TMA launch
+# builds four descriptors on the host and takes Triton's full launch path (descriptors are not kept), which costs a
+# small batch more host time than its faster loads save on the GPU (BENCHMARKS.md, 2026-12-06).
+GATED_GEMM_TMA_ROWS = 8192
+
+
+def _gated_linear_small_config(rows):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the pointer-load gated GEMM (H100, bf16, n = 768,
+    i = 3072; BENCHMARKS.md). Under the interpreter, 16-wide tiles so test sizes cross several tiles and ragged
+    edges."""
+    if _INTERPRET:
+        return 16, 16, 16, 1, 1
+    if rows <= 256:
+        return 64, 64, 64, 3, 4
+    return 128, 64, 64, 3, 4
 
 
 def _sm_count(device):
@@ -398,7 +448,8 @@ def _sm_count(device):
 
 
 def _gated_gemm_capable(device):
-    """The gated GEMM loads through TMA: NVIDIA compute capability 9.0 (Hopper) or newer, or the interpreter."""
+    """The gated GEMM kernels run on NVIDIA compute capability 9.0 (Hopper) or newer, where they were measured (the
+    large-batch one loads through TMA), or under the interpreter."""
     if device.type != "cuda":
         return _INTERPRET
     capable = _GATED_GEMM_CAPABLE.get(device.index)
@@ -418,32 +469,41 @@ def _tma_compatible(*tensors):
 
 def _gated_linear_gelu_forward(x, weight):
     """x: (..., n), weight: (2 * i, n), same dtype (fp16/bf16; fp32 computes with exact fp32 products). Returns
-    GELU(x W_gate^T) * (x W_value^T): (..., i) in x's dtype, the gate in the weight's first i rows. Where TMA cannot
-    read or write an operand (an address or row stride not a multiple of 16 bytes), the GEMM and the gated GELU
-    kernel run as two launches instead: the same result, never a silent misread."""
+    GELU(x W_gate^T) * (x W_value^T): (..., i) in x's dtype, the gate in the weight's first i rows. From
+    `GATED_GEMM_TMA_ROWS` rows, where TMA can read and write every operand (16-byte addresses and row strides), the
+    persistent TMA kernel; otherwise the pointer-load kernel, which takes any alignment."""
     _require_triton()
     inter, hidden = weight.shape[0] // 2, weight.shape[1]
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     x2, out2 = _rows(x), out.view(-1, inter)
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
     gate_w, value_w = weight[:inter], weight[inter:]
-    if not _tma_compatible(x2, gate_w, value_w, out2):
-        return _gated_gelu_forward(F.linear(x, weight))
     rows = x2.shape[0]
-    block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
-    programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
+    dot_precision = "ieee" if x.dtype == torch.float32 else None
     with _device_context(x):
-        _gated_linear_gelu_kernel[(programs,)](
-            TensorDescriptor.from_tensor(x2, [block_m, block_k]),
-            TensorDescriptor.from_tensor(gate_w, [block_n, block_k]),
-            TensorDescriptor.from_tensor(value_w, [block_n, block_k]),
-            TensorDescriptor.from_tensor(out2, [block_m, block_n]),
-            rows, inter, hidden, programs,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-            num_stages=num_stages, num_warps=num_warps,
-        )
+        if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(x2, gate_w, value_w, out2):
+            block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
+            programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
+            _gated_linear_gelu_kernel[(programs,)](
+                TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+                TensorDescriptor.from_tensor(gate_w, [block_n, block_k]),
+                TensorDescriptor.from_tensor(value_w, [block_n, block_k]),
+                TensorDescriptor.from_tensor(out2, [block_m, block_n]),
+                rows, inter, hidden, programs,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, DOT_PRECISION=dot_precision,
+                num_stages=num_stages, num_warps=num_warps,
+            )
+        else:
+            block_m, block_n, block_k, num_stages, num_warps = _gated_linear_small_config(rows)
+            launch(
+                _gated_linear_gelu_small_kernel, (cdiv(inter, block_n), cdiv(rows, block_m), 1),
+                (x2, gate_w, value_w, out2, rows, inter, hidden, x2.stride(0), weight.stride(0), out2.stride(0)),
+                x.device.index, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision,
+                num_stages=num_stages, num_warps=num_warps,
+            )
     return out
 
 
@@ -735,10 +795,10 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
     Returns:
         `torch.Tensor` of shape `(..., intermediate_size)`: what `gated_gelu(F.linear(x, weight), ...)` returns.
         When nothing records a graph, dropout is off, autocast is off, x and weight share a 16-bit dtype (or
-        use_triton=True forces the kernels, fp32 included), the GPU has TMA (compute capability 9.0+) and there
-        are at least `GATED_GEMM_MIN_ROWS` rows (any number when forced or compiling), one Triton GEMM applies
-        the GELU and the product in its epilogue, so the (t, 2 * i) activations are never written and read back;
-        it has no backward. Everything else takes the Linear and the `gated_gelu` kernel.
+        use_triton=True forces the kernels, fp32 included) and the GPU is a Hopper or newer (compute capability
+        9.0+), one Triton GEMM applies the GELU and the product in its epilogue, so the (t, 2 * i) activations are
+        never written and read back, and a small batch makes one launch instead of two; it has no backward.
+        Everything else takes the Linear and the `gated_gelu` kernel.
     """
     if weight.dim() != 2 or weight.shape[0] % 2 != 0 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
@@ -759,9 +819,6 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
     forced = (use_triton if use_triton is not None else DEFAULT_USE_TRITON) is True
     if (
         plain_inference
-        and TensorDescriptor is not None
-        # short-circuits before reading the size while compiling: unpadded token counts are data-dependent there
-        and (forced or compiling or x.numel() >= GATED_GEMM_MIN_ROWS * max(x.shape[-1], 1))
         and not (training and dropout_p > 0.0)
         and (x.dtype in (torch.float16, torch.bfloat16) or (forced and x.dtype == torch.float32))
         and _take_triton(use_triton, x)

@@ -44,7 +44,7 @@ from .bert_padding import (
     valid_token_indices,
 )
 from .configuration_bert import BertConfig
-from .flash_attn_triton import HAS_TRITON, flash_attn_varlen_qkvpacked_func
+from .flash_attn_triton import HAS_TRITON, PackedSelfAttention
 from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reuse_cpu_gemm_output
 
 # Not used here: transformers 4.x copies only the modeling file's own relative imports of a local model folder into
@@ -134,6 +134,7 @@ class VarlenSequences:
     max_seqlen: int
     buckets: list[Bucket] | None = None
     _bias: dict = field(default_factory=dict, repr=False)
+    kernel: PackedSelfAttention | None = field(default=None, repr=False)  # the Triton path's, made at its first layer
 
     def build_buckets(self):
         """Groups of sequences whose lengths lie within 20% of the group's longest, split to bound the scores."""
@@ -225,12 +226,16 @@ def _compute_dtype(dtype):
 
 
 def triton_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):
-    """The FlashAttention kernel with in-kernel ALiBi (flash_attn_triton.py); never forms the probabilities."""
-    # max_seqlen is the padded width, or the caller's value checked with the inputs: no per-layer device check.
-    out = flash_attn_varlen_qkvpacked_func(
-        qkv, sequences.cu_seqlens, sequences.max_seqlen, alibi_slopes=slopes, max_seqlen_checked=True
-    )
-    return out, None
+    """The FlashAttention kernel with in-kernel ALiBi (flash_attn_triton.py); never forms the probabilities. One
+    `PackedSelfAttention` serves every layer of a forward: the first layer's call checks and launches, the later
+    ones (qkv of the same layout) relaunch."""
+    attention = sequences.kernel
+    if attention is None or attention.alibi_slopes is not slopes:
+        # max_seqlen is the padded width, or the caller's value checked with the inputs: no per-layer device check
+        attention = sequences.kernel = PackedSelfAttention(
+            sequences.cu_seqlens, sequences.max_seqlen, alibi_slopes=slopes, max_seqlen_checked=True
+        )
+    return attention(qkv), None
 
 
 def torch_attention(qkv, sequences: VarlenSequences, slopes, dropout_p=0.0):

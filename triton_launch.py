@@ -32,7 +32,7 @@ try:
 except ImportError:  # triton < 3.4: no fast path (FAST_LAUNCH below is off)
     knobs = HookChain = None
 
-__all__ = ["FAST_LAUNCH", "MAX_KEPT", "cdiv", "launch", "launch_signature", "next_power_of_2"]
+__all__ = ["FAST_LAUNCH", "MAX_KEPT", "cdiv", "launch", "launch_signature", "next_power_of_2", "relaunch"]
 
 
 def _triton_version():
@@ -118,24 +118,36 @@ def launch(kernel, grid, args, device_index, **kwargs):
     """`kernel[grid](*args, **kwargs)` for a `triton.jit` function, with the host work after a key's first launch
     cut to the launcher call. grid: a tuple of three ints; args: the non-constexpr arguments, positionally;
     kwargs: constexprs and launch options (num_warps, num_stages); device_index: the CUDA device the arguments
-    live on, current at the call."""
+    live on, current at the call.
+
+    Returns the kept kernel for this key (for `relaunch`), or None when the launch was not kept."""
     if not FAST_LAUNCH:
         kernel[grid](*args, **kwargs)
-        return
+        return None
     key = (kernel, device_index, *kwargs.items(), _signature(args))
     try:
         entry = _COMPILED.get(key)  # hashing the key is the check that it can be one
     except TypeError:  # an unhashable argument or option value: not kept
         kernel[grid](*args, **kwargs)
-        return
+        return None
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
         tail = _constexpr_tail(kernel, len(args), kwargs)
-        if tail is not None and isinstance(compiled, CompiledKernel):
-            if len(_COMPILED) >= MAX_KEPT:  # e.g. training on ever-new token counts: start over
-                _COMPILED.clear()
-            _COMPILED[key] = (compiled, tail)
-        return
+        if tail is None or not isinstance(compiled, CompiledKernel):
+            return None
+        if len(_COMPILED) >= MAX_KEPT:  # e.g. training on ever-new token counts: start over
+            _COMPILED.clear()
+        entry = _COMPILED[key] = (compiled, tail)
+        return entry
+    relaunch(entry, grid, args, device_index)
+    return entry
+
+
+def relaunch(entry, grid, args, device_index):
+    """Launches a kernel `launch` kept (its return value) without working out the key again. The caller
+    guarantees that `args` would give the same key: every tensor of the same dtype and 16-byte alignment as at
+    that launch, every other argument equal (e.g. a layer's tensors of the same shape, strides and alignment as
+    the previous layer's). grid, device_index: as for `launch`."""
     compiled, tail = entry
     hooks = knobs.runtime
     if _no_hook(hooks.launch_enter_hook) and _no_hook(hooks.launch_exit_hook):

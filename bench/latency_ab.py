@@ -2,7 +2,7 @@
 checkout of MosaicBERT, timed in alternation in one process.
 
     python bench/latency_ab.py                                 # batch 1 x 128 and batch 8 x 16-256
-    python bench/latency_ab.py --repo ../old-checkout --rows latency fixed
+    python bench/latency_ab.py --repo ../old-checkout [../another] --rows latency fixed
     python bench/latency_ab.py --smoke                         # CPU dry run (tests/test_bench_smoke.py)
 
 A forward of a small batch waits on the host (Python, kernel launches), and on a shared machine host speed drifts
@@ -25,11 +25,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import infer  # noqa: E402  (rows, batches and model builders shared with the inference benchmark)
 
 
-def build_models(other_repo):
+def build_models(other_repos):
     models = {}
-    for name, repo in (("mosaic", REPO), ("mosaic --repo", other_repo)):
-        if repo is None:
-            continue
+    for name, repo in (("mosaic", REPO), *((f"mosaic {r}", r) for r in other_repos)):
         infer.MODEL_REPO = Path(repo).resolve()
         torch.manual_seed(0)
         models[name] = infer.ours().to(infer.DEVICE, infer.DTYPE).eval()
@@ -98,7 +96,7 @@ def table(times, rows, names):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", help="another MosaicBERT checkout to time beside this one")
+    parser.add_argument("--repo", nargs="*", default=[], help="other MosaicBERT checkouts to time beside this one")
     parser.add_argument("--rows", nargs="*", default=["latency"], help="bench/infer.py rows containing one of these")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forwards", type=int, default=20, help="forwards per model, row and round")
@@ -114,7 +112,7 @@ def main():
     times = time_rounds(models, rows, args.rounds, args.forwards, warmup=1 if args.smoke else 5)
     device = torch.cuda.get_device_name() if infer.DEVICE == "cuda" else "cpu"
     print(f"{device}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} forwards; "
-          f"mosaic --repo = {args.repo}")
+          f"other checkouts: {args.repo}")
     print(table(times, rows, list(models)))
 
 

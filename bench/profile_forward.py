@@ -6,10 +6,12 @@
     python bench/profile_forward.py --part kernels --rows fixed --compile   # the same for the compiled models
     python bench/profile_forward.py --repo PATH                    # MosaicBERT from another checkout
 
-Pieces: the fused gated GELU, the gated GEMM (the GLU's Linear with the gated GELU in its epilogue, forced, against
-the Linear + gated GELU kernel the model runs below `fused_ops.GATED_GEMM_MIN_ROWS`), residual + LayerNorm and the
-attention kernel at base size, each called through its public function, through its `torch.library` custom op,
-through its launcher, and as the PyTorch ops it replaces (or that transformers' BERT runs), at 128 tokens (one
+Pieces: the fused gated GELU, the gated GEMM (the GLU's Linear with the gated GELU in its epilogue: the pointer-load
+kernel below `fused_ops.GATED_GEMM_TMA_ROWS`, the TMA one from there; against the Linear + gated GELU kernel),
+residual + LayerNorm and the attention kernel (also as `PackedSelfAttention`, the model's way: one object per
+forward, relaunched layer after layer) at base size, each called through its public function, through its
+`torch.library` custom op, through its launcher, and as the PyTorch ops it replaces (or that transformers' BERT
+runs), at 128 tokens (one
 sequence: host-bound, so the time per call is host time) and 32768 tokens (256 x 128: GPU-bound). "host µs" times
 issuing 200 calls without waiting; "wall µs" times the same calls up to a device synchronize, so wall ≈ max(host, GPU).
 
@@ -63,13 +65,15 @@ def pieces(package):
         qkv_pad = qkv.view(-1, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         w_glu = torch.randn(2 * inter, hidden, device="cuda", dtype=DTYPE) * hidden**-0.5
         ln_fwd = fused_ops._add_dropout_layer_norm_forward
+        packed = getattr(fa, "PackedSelfAttention", lambda *a, **k: None)(cu, seqlen, alibi_slopes=slopes,
+                                                                          max_seqlen_checked=True)
         glu_fwd = fused_ops._gated_gelu_forward
         ways = [
             ("gated GELU", "public function", lambda: fused_ops.gated_gelu(g)),
             ("gated GELU", "custom op", lambda: torch.ops.mosaic_bert.gated_gelu_fwd(g, None, 0.0)),
             ("gated GELU", "launcher", lambda: glu_fwd(g)),
             ("gated GELU", "PyTorch: gelu(a) * b", lambda: F.gelu(g[:, :inter]) * g[:, inter:]),
-            ("gated Linear + GELU", "fused GEMM, public function (forced)",
+            ("gated Linear + GELU", "fused GEMM, public function",
              lambda: fused_ops.gated_linear_gelu(x, w_glu, use_triton=True)),
             ("gated Linear + GELU", "fused GEMM, launcher", lambda: fused_ops._gated_linear_gelu_forward(x, w_glu)),
             ("gated Linear + GELU", "Linear + gated GELU kernel", lambda: fused_ops.gated_gelu(F.linear(x, w_glu))),
@@ -80,6 +84,7 @@ def pieces(package):
             ("add + LayerNorm", "PyTorch: layer_norm(x + r) (BERT)", lambda: F.layer_norm(x + res, (hidden,), w, b)),
             ("attention", "public function", lambda: fa.flash_attn_varlen_qkvpacked_func(
                 qkv, cu, seqlen, alibi_slopes=slopes, max_seqlen_checked=True)),
+            ("attention", "PackedSelfAttention, called again", lambda: packed(qkv)),
             ("attention", "custom op", lambda: torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
                 qkv, cu, seqlen, head_dim ** -0.5, False, slopes)),
             ("attention", "launcher", lambda: fa._qkvpacked_fwd(qkv, cu, seqlen, head_dim ** -0.5, False, slopes)),

@@ -44,7 +44,7 @@ def test_latency_ab_smoke_times_every_model_on_every_row(tmp_path):
     lines = [line.split("|") for line in stdout.splitlines() if line.startswith("| latency")]
     got = {(cells[1].strip(), cells[2].strip()) for cells in lines}
     rows = [row for row in infer.ROWS if "latency" in row]
-    assert got == {(row, model) for row in rows for model in ("mosaic", "mosaic --repo", "BERT sdpa")}
+    assert got == {(row, model) for row in rows for model in ("mosaic", f"mosaic {REPO}", "BERT sdpa")}
     for cells in lines:
         low, median, ratio = (float(c) for c in cells[3:6])
         assert 0 < low <= median and ratio > 0

@@ -251,6 +251,78 @@ def test_tuned_config_is_reused_with_the_same_result(monkeypatch):
     assert max_err(second, ref) <= 3e-3
 
 
+# ------------------------------------------------------------------------------------------------------------
+# PackedSelfAttention: one batch, layer after layer
+# ------------------------------------------------------------------------------------------------------------
+requires_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a GPU or Triton's interpreter")
+
+
+@requires_kernel
+def test_packed_self_attention_layer_after_layer(monkeypatch):
+    # Each call gives what the function gives, bit for bit: qkv of the layout before (the relaunch on a GPU),
+    # qkv of another strides, dtype or alignment (checked and launched anew), with and without ALiBi.
+    relaunches = []
+    real = fa.relaunch
+    monkeypatch.setattr(fa, "relaunch", lambda *a: relaunches.append(1) or real(*a))
+    torch.manual_seed(11)
+    lengths = [5, 20, 3]
+    t, cu, slopes = sum(lengths), cu_seqlens_of(lengths), alibi_slopes(2)
+    wide = torch.randn(t * 3 * 2 * 16 + 1, device=DEVICE, dtype=torch.float16)
+    cases = [torch.randn(t, 3, 2, 16, device=DEVICE, dtype=torch.float16) for _ in range(4)]
+    cases += [
+        torch.randn(t, 3, 2, 20, device=DEVICE, dtype=torch.float16)[..., :16],  # other strides
+        torch.randn(t, 3, 2, 16, device=DEVICE, dtype=torch.float32),  # other dtype
+        wide[1:].view(t, 3, 2, 16),  # misaligned by one element
+        torch.randn(t, 3, 2, 16, device=DEVICE, dtype=torch.float16),  # back to the first layout
+    ]
+    for alibi in (slopes, None):
+        attention = fa.PackedSelfAttention(cu, 20, alibi_slopes=alibi)
+        for qkv in cases:
+            expected = flash_attn_varlen_qkvpacked_func(qkv, cu, 20, alibi_slopes=alibi)
+            got = attention(qkv)
+            assert got.dtype == qkv.dtype and torch.equal(got, expected)
+        ref = varlen_attention(*(x.double() for x in cases[-1].unbind(1)), cu, cu, alibi_slopes=alibi,
+                               compute_dtype=torch.float64)
+        assert max_err(got, ref) <= 3e-3
+    if HAS_CUDA and fa.FAST_LAUNCH:  # the layouts seen before relaunch
+        assert len(relaunches) >= 4
+
+
+@requires_kernel
+def test_packed_self_attention_checks(monkeypatch):
+    lengths = [5, 20, 3]
+    t, cu = sum(lengths), cu_seqlens_of(lengths)
+    qkv = torch.randn(t, 3, 2, 16, device=DEVICE, dtype=torch.float16)
+    attention = fa.PackedSelfAttention(cu, 20, alibi_slopes=alibi_slopes(2))
+    attention(qkv)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(4,\) or \(3, 4\)"):
+        attention(torch.randn(t, 3, 4, 16, device=DEVICE, dtype=torch.float16))  # other heads: checked again
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        attention(qkv[:, :2])
+    with pytest.raises(TypeError, match="int64"):
+        attention(qkv.long())
+    with pytest.raises(ValueError, match="head_dim 12 is not supported"):
+        attention(torch.randn(t, 3, 2, 12, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="max_seqlen=19 is below the longest sequence"):
+        fa.PackedSelfAttention(cu.cpu(), 19)
+    with pytest.raises(TypeError, match="max_seqlen must be a Python int"):
+        fa.PackedSelfAttention(cu, torch.tensor(20))
+
+
+@requires_kernel
+def test_packed_self_attention_gradients():
+    # With autograd the call goes through the op: the function's gradients
+    torch.manual_seed(12)
+    lengths = [5, 20, 3]
+    t, cu, slopes = sum(lengths), cu_seqlens_of(lengths), alibi_slopes(2)
+    qkv = torch.randn(t, 3, 2, 16, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    dout = torch.randn(t, 2, 16, device=DEVICE)
+    attention = fa.PackedSelfAttention(cu, 20, alibi_slopes=slopes)
+    (grad,) = torch.autograd.grad(attention(qkv), qkv, dout)
+    (expected,) = torch.autograd.grad(flash_attn_varlen_qkvpacked_func(qkv, cu, 20, alibi_slopes=slopes), qkv, dout)
+    assert torch.equal(grad, expected)
+
+
 @requires_interpreter
 def test_interpreter_larger_max_seqlen_same_result():
     # The padded width of a batch is a valid max_seqlen: the extra programs exit without writing.

@@ -462,18 +462,32 @@ requires_gemm_kernel = pytest.mark.skipif(
 
 @pytest.fixture
 def gemm_launches(monkeypatch):
-    """The grids of the gated GEMM kernel's launches during the test."""
+    """The gated GEMM kernels launched during the test, in order: "tma" (the persistent TMA kernel) or "pointer"
+    (the pointer-load kernel)."""
     if not fused_ops.HAS_TRITON:
         return []
-    launches, kernel = [], fused_ops._gated_linear_gelu_kernel
+    launches, kernel, launch = [], fused_ops._gated_linear_gelu_kernel, fused_ops.launch
 
     class Spy:
         def __getitem__(self, grid):
-            launches.append(grid)
+            launches.append("tma")
             return kernel[grid]
 
+    def spy_launch(jit_kernel, grid, args, device_index, **kwargs):
+        if jit_kernel is fused_ops._gated_linear_gelu_small_kernel:
+            launches.append("pointer")
+        launch(jit_kernel, grid, args, device_index, **kwargs)
+
     monkeypatch.setattr(fused_ops, "_gated_linear_gelu_kernel", Spy())
+    monkeypatch.setattr(fused_ops, "launch", spy_launch)
     return launches
+
+
+@pytest.fixture(params=["pointer", "tma"])
+def gemm_kernel(request, monkeypatch):
+    """Each gated GEMM kernel in turn: the TMA one from the first row on, or the pointer one at every size."""
+    monkeypatch.setattr(fused_ops, "GATED_GEMM_TMA_ROWS", 0 if request.param == "tma" else 2**62)
+    return request.param
 
 
 def linear_inputs(rows, hidden, inter, dtype, seed=0):
@@ -484,34 +498,47 @@ def linear_inputs(rows, hidden, inter, dtype, seed=0):
 @requires_gemm_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,hidden,inter", [(1, 24, 24), (37, 40, 40), (70, 48, 16), (100, 64, 72)])
-def test_gated_linear_gelu_kernel_matches_reference(gemm_launches, dtype, rows, hidden, inter):
-    # Several tiles in both directions, ragged edges, and more tiles than programs (the persistent loop)
+def test_gated_linear_gelu_kernel_matches_reference(gemm_launches, gemm_kernel, dtype, rows, hidden, inter):
+    # Several tiles in both directions, ragged edges (rows, columns and the reduction), and for the TMA kernel more
+    # tiles than programs (its persistent loop)
     x, weight = linear_inputs(rows, hidden, inter, dtype)
     with torch.no_grad():
         out = gated_linear_gelu(x, weight, use_triton=True)
-    assert len(gemm_launches) == 1, "the fused GEMM did not run"
+    assert gemm_launches == [gemm_kernel], "the fused GEMM did not run"
     assert out.dtype == dtype and out.shape == (rows, inter)
     assert_close(out, gated_linear_gelu_reference(x, weight), dtype, "out")
 
 
 @requires_gemm_kernel
-def test_gated_linear_gelu_leading_dims_and_strided_rows(gemm_launches):
+def test_gated_linear_gelu_leading_dims_and_strided_rows(gemm_launches, gemm_kernel):
     x, weight = linear_inputs(12, 32, 24, torch.float32)
-    wide = torch.cat([x, rand(12, 8, seed=9)], dim=1)[:, :32]  # rows 160 bytes apart: TMA reads them in place
+    wide = torch.cat([x, rand(12, 8, seed=9)], dim=1)[:, :32]  # rows 160 bytes apart: both kernels read in place
     with torch.no_grad():
         out = gated_linear_gelu(wide.view(3, 4, 32)[:, :3], weight, use_triton=True)
-    assert len(gemm_launches) == 1 and out.shape == (3, 3, 24)
+    assert gemm_launches == [gemm_kernel] and out.shape == (3, 3, 24)
     expected = gated_linear_gelu_reference(wide.view(3, 4, 32)[:, :3].reshape(-1, 32), weight).view(3, 3, 24)
     assert_close(out, expected, torch.float32, "out")
 
 
-@requires_kernels
+@requires_gemm_kernel
+def test_gated_linear_gelu_transposed_weight(gemm_launches, gemm_kernel):
+    # A weight whose columns are not contiguous (a transposed view) is read as the values it holds
+    x, weight = linear_inputs(10, 32, 24, torch.float32)
+    with torch.no_grad():
+        out = gated_linear_gelu(x, weight.T.contiguous().T, use_triton=True)
+    assert gemm_launches == [gemm_kernel]
+    assert_close(out, gated_linear_gelu_reference(x, weight), torch.float32, "out")
+
+
+@requires_gemm_kernel
 @pytest.mark.parametrize(
     "case",
     ["misaligned address", "row stride not 16 bytes", "output row not 16 bytes"],
 )
-def test_gated_linear_gelu_where_tma_cannot_read_takes_two_launches(gemm_launches, case):
-    # TMA needs 16-byte addresses and row strides: anything else must still give the right numbers
+def test_gated_linear_gelu_where_tma_cannot_read_takes_the_pointer_kernel(gemm_launches, monkeypatch, case):
+    # TMA needs 16-byte addresses and row strides: anything else goes to the pointer-load kernel, with the right
+    # numbers, even at sizes where the TMA kernel would run
+    monkeypatch.setattr(fused_ops, "GATED_GEMM_TMA_ROWS", 0)
     if case == "misaligned address":
         x, weight = rand(5 * 32 + 1)[1:].view(5, 32), rand(48, 32, seed=1, scale=0.2)
     elif case == "row stride not 16 bytes":
@@ -520,7 +547,7 @@ def test_gated_linear_gelu_where_tma_cannot_read_takes_two_launches(gemm_launche
         x, weight = rand(5, 32), rand(2 * 21, 32, seed=1, scale=0.2)
     with torch.no_grad():
         out = gated_linear_gelu(x, weight, use_triton=True)
-    assert gemm_launches == []
+    assert gemm_launches == ["pointer"]
     assert_close(out, gated_linear_gelu_reference(x, weight), torch.float32, "out")
 
 
@@ -761,22 +788,20 @@ def test_autocast_bf16_matches_unfused():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [1, 128, 1000, 4097, 8192])
+@pytest.mark.parametrize("rows", [1, 128, 513, 1000, 4097, 8191, 8192, 9000])
 def test_gated_linear_gelu_cuda(gemm_launches, dtype, rows):
-    # Base sizes (768 -> 2 x 3072), both tile configs (below and above 2048 rows), forced; where the GPU has TMA
-    # the fused GEMM runs, elsewhere the Linear + gated_gelu
+    # Base sizes (768 -> 2 x 3072), every tile config of both kernels (the pointer one below
+    # GATED_GEMM_TMA_ROWS, the TMA one from there), automatic choice; where the GPU has no gated GEMM, the
+    # Linear + gated_gelu
     x, weight = linear_inputs(rows, 768, 3072, dtype)
     with torch.inference_mode():
-        out = gated_linear_gelu(x, weight, use_triton=True)
-    assert len(gemm_launches) == int(GEMM_KERNEL)
+        out = gated_linear_gelu(x, weight)
+    if GEMM_KERNEL:
+        assert gemm_launches == ["tma" if rows >= fused_ops.GATED_GEMM_TMA_ROWS else "pointer"]
+    else:
+        assert gemm_launches == []
     ref = gated_linear_gelu_reference(x, weight)
     assert_close(out, ref, dtype, "out")
     # no worse than the unfused path, which rounds the GEMM output to the dtype before the GELU
     unfused = gated_gelu(torch.nn.functional.linear(x, weight))
     assert (out.double() - ref).abs().max() <= 1.5 * (unfused.double() - ref).abs().max() + 1e-3
-    # the automatic choice takes it from GATED_GEMM_MIN_ROWS rows, with the same numbers
-    with torch.inference_mode():
-        auto = gated_linear_gelu(x, weight)
-    fused_by_itself = GEMM_KERNEL and rows >= fused_ops.GATED_GEMM_MIN_ROWS
-    assert len(gemm_launches) == int(GEMM_KERNEL) + int(fused_by_itself)
-    torch.testing.assert_close(auto, out if fused_by_itself else unfused, rtol=0, atol=0)

@@ -129,6 +129,21 @@ def test_kept_kernel_gets_arguments_in_signature_order(fast):
     assert kernel.log[2] == ("compiled with hooks", (6, 1, 1), (x, 32, 16, 7), 1000)
 
 
+def test_launch_returns_the_kept_kernel_for_relaunch(fast):
+    kernel = _FakeKernel([_Param("X", False), _Param("n", False), _Param("BLOCK", True)])
+    x, y = torch.zeros(32), torch.ones(32)
+    entry = triton_launch.launch(kernel, (4, 1, 1), (x, 32), 0, BLOCK=16)
+    assert entry is not None and triton_launch.launch(kernel, (4, 1, 1), (x, 32), 0, BLOCK=16) is entry
+    # relaunch: the kept kernel with new tensors of the same key, no key worked out, the constexprs appended
+    triton_launch.relaunch(entry, (2, 3, 1), (y, 32), 1)
+    assert kernel.log[-1] == ("compiled", (2, 3, 1), (y, 32, 16), 1001)
+    fast.launch_enter_hook = print
+    triton_launch.relaunch(entry, (2, 3, 1), (y, 32), 0)
+    assert kernel.log[-1] == ("compiled with hooks", (2, 3, 1), (y, 32, 16), 1000)
+    # nothing to relaunch where the launch was not kept
+    assert triton_launch.launch(kernel, (1, 1, 1), ([1],), 0, BLOCK=16) is None
+
+
 @pytest.mark.skipif(triton_launch.HookChain is None, reason="needs triton.knobs")
 def test_empty_hook_chains_count_as_no_hooks(fast):
     # Triton's defaults are empty chains, not None: the kept kernel's launcher is called directly
@@ -234,6 +249,11 @@ def _fused_calls(dtype, offset):
         outs.append(fused_ops.gated_gelu(g, use_triton=True))
         outs.append(fused_ops.add_dropout_layer_norm(x, r, w, b, 1e-5, use_triton=True))
         outs.append(fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 113, alibi_slopes=slopes))
+        attention = fa.PackedSelfAttention(cu, 113, alibi_slopes=slopes)
+        outs += [attention(qkv), attention(qkv * 2)]  # the second relaunches the first's kernel
+        if fused_ops._gated_gemm_capable(qkv.device):
+            weight = torch.randn(2 * i, n, device=dev, dtype=dtype) / n**0.5
+            outs.append(fused_ops.gated_linear_gelu(x, weight, use_triton=True))
     leaves = [a.detach().clone().requires_grad_() for a in (g, x, r, qkv)]
     gl, xl, rl, ql = leaves
     y = fused_ops.gated_gelu(gl, use_triton=True).float().sum()
@@ -263,8 +283,11 @@ def test_shortcut_matches_triton_launch_bit_for_bit(monkeypatch, dtype):
         for got, want in zip(results[offset], reference):
             assert torch.equal(got, want)
     # every kernel of the package (gated GELU and LayerNorm forward and backward, the attention forward and its
-    # three backward kernels) was kept, under aligned and misaligned keys
-    assert len({key[0] for key in triton_launch._COMPILED}) == 8
+    # three backward kernels, the small gated GEMM on a Hopper) was kept, under aligned and misaligned keys
+    import fused_ops
+
+    gemm = fused_ops._gated_gemm_capable(torch.device("cuda"))
+    assert len({key[0] for key in triton_launch._COMPILED}) == 8 + gemm
     assert {key[-1][0][1] for key in triton_launch._COMPILED} == {True, False}
     # the same values at a misaligned address give the same numbers
     for a, b in zip(results[0], results[1]):
