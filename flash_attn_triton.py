@@ -18,7 +18,6 @@ an ImportError. On a machine without a GPU the kernels run under Triton's interp
 is set before Triton is first imported (slow; meant for tests).
 """
 
-import contextlib
 import math
 import operator
 import os
@@ -38,9 +37,9 @@ except ImportError:  # the model falls back to its PyTorch attention path
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import cdiv, launch, next_power_of_2, relaunch
+    from .triton_launch import cdiv, device_context, launch, next_power_of_2, relaunch
 except ImportError:
-    from triton_launch import cdiv, launch, next_power_of_2, relaunch
+    from triton_launch import cdiv, device_context, launch, next_power_of_2, relaunch
 
 __all__ = [
     "HAS_TRITON",
@@ -671,14 +670,6 @@ def _through_op(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _device_of(x):
-    # Triton launches on the current device: switch only when x lives on another one.
-    device = x.device
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
 # The config the autotuner chose, per (kernel, seqlen bucket, dtype, device, constexprs). After a key's first
 # launch (which tunes), later launches go straight to the tuned kernel: the autotuner's per-call bookkeeping costs
 # about as much host time as the launch itself, which is what a small batch's attention call waits on.
@@ -713,7 +704,7 @@ def _forward_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0), stride_sb, stride_sh,
         softmax_scale * _LOG2E, bucket,
     )
-    with _device_of(q):
+    with device_context(q):
         kept, grid = _launch_tuned(
             _fwd_kernel, grid, bucket, q,
             q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
@@ -770,7 +761,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
     slopes = q if slopes is None else slopes
     delta = torch.empty_like(lse)
-    with _device_of(q):
+    with device_context(q):
         block_t = 64
         launch(
             _bwd_preprocess_kernel, (cdiv(q.shape[0], block_t), heads, 1),
@@ -1058,7 +1049,7 @@ class PackedSelfAttention:
         alignment = (q.data_ptr() % 16, out.data_ptr() % 16)
         if kept is not None and kept[3] == alignment:
             entry, grid, scalars, _ = kept
-            with _device_of(q):
+            with device_context(q):
                 relaunch(entry, grid, (q, k, v, out, out, cu, cu, q if slopes is None else slopes, *scalars),
                          q.device.index)
         else:

@@ -36,9 +36,9 @@ except ImportError:  # the public functions fall back to PyTorch ops
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import cdiv, launch, next_power_of_2
+    from .triton_launch import cdiv, device_context, launch, next_power_of_2
 except ImportError:
-    from triton_launch import cdiv, launch, next_power_of_2
+    from triton_launch import cdiv, device_context, launch, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -106,14 +106,6 @@ def _through_op(*tensors):
     if torch.compiler.is_compiling():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _device_context(tensor):
-    # Triton launches on the current device: switch only when the tensor lives on another one.
-    device = tensor.device
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 if HAS_TRITON:
@@ -299,7 +291,7 @@ if HAS_TRITON:
     @triton.jit
     def _gated_linear_gelu_small_kernel(
         X,  # (t, n); row stride stride_xt, columns contiguous
-        WGate, WValue,  # (i, n) each, row stride stride_wt, columns contiguous: the weight's two halves
+        W,  # (2 * i, n); row stride stride_wt, columns contiguous: the gate's i rows, then the value's
         Out,  # (t, i); row stride stride_ot, columns contiguous
         t, inter, hidden,
         stride_xt, stride_wt, stride_ot,
@@ -315,9 +307,9 @@ if HAS_TRITON:
         row_ok = rows < t
         col_ok = cols < inter
         x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :]
-        w_offsets = cols.to(tl.int64)[None, :] * stride_wt + ks[:, None]  # (BLOCK_K, BLOCK_N) tiles of W^T
-        gate_ptrs = WGate + w_offsets
-        value_ptrs = WValue + w_offsets
+        # (BLOCK_K, BLOCK_N) tiles of W_gate^T and W_value^T
+        gate_ptrs = W + cols.to(tl.int64)[None, :] * stride_wt + ks[:, None]
+        value_ptrs = W + (cols + inter).to(tl.int64)[None, :] * stride_wt + ks[:, None]
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, hidden, BLOCK_K):
@@ -375,9 +367,9 @@ def _gated_gelu_forward(x, seed=None, dropout_p=0.0):
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    x2, out2 = _rows(x), out.view(-1, inter)
+    x2, out2 = _rows(x), _rows(out)
     block, num_warps = _gelu_launch_config(inter)
-    with _device_context(x):
+    with device_context(x):
         launch(
             _gated_gelu_fwd_kernel, (x2.shape[0], cdiv(inter, block), 1),
             (x2, out2, x2 if seed is None else seed, x2.stride(0), out2.stride(0), inter, dropout_p,
@@ -397,7 +389,7 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
         return dx.zero_()
     x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, 2 * inter)
     block, num_warps = _gelu_launch_config(inter)
-    with _device_context(x):
+    with device_context(x):
         launch(
             _gated_gelu_bwd_kernel, (x2.shape[0], cdiv(inter, block), 1),
             (g2, x2, dx2, x2 if seed is None else seed, g2.stride(0), x2.stride(0), dx2.stride(0), inter, dropout_p,
@@ -477,14 +469,15 @@ def _gated_linear_gelu_forward(x, weight):
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    x2, out2 = _rows(x), out.view(-1, inter)
+    x2, out2 = _rows(x), _rows(out)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    gate_w, value_w = weight[:inter], weight[inter:]
     rows = x2.shape[0]
     dot_precision = "ieee" if x.dtype == torch.float32 else None
-    with _device_context(x):
-        if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(x2, gate_w, value_w, out2):
+    with device_context(x):
+        if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(
+            x2, gate_w := weight[:inter], value_w := weight[inter:], out2
+        ):
             block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
             programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
             _gated_linear_gelu_kernel[(programs,)](
@@ -500,7 +493,7 @@ def _gated_linear_gelu_forward(x, weight):
             block_m, block_n, block_k, num_stages, num_warps = _gated_linear_small_config(rows)
             launch(
                 _gated_linear_gelu_small_kernel, (cdiv(inter, block_n), cdiv(rows, block_m), 1),
-                (x2, gate_w, value_w, out2, rows, inter, hidden, x2.stride(0), weight.stride(0), out2.stride(0)),
+                (x2, weight, out2, rows, inter, hidden, x2.stride(0), weight.stride(0), out2.stride(0)),
                 x.device.index, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision,
                 num_stages=num_stages, num_warps=num_warps,
             )
@@ -524,11 +517,11 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
         rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out, mean, rstd
-    x2, out2 = _rows(x), out.view(-1, n_cols)
+    x2, out2 = _rows(x), _rows(out)
     r2 = _rows(residual) if residual is not None else x2
     has_dropout = seed is not None and dropout_p > 0.0
     block, num_warps = _layer_norm_launch_config(n_cols)
-    with _device_context(x):
+    with device_context(x):
         launch(
             _add_dropout_layer_norm_fwd_kernel, (x2.shape[0], 1, 1),
             (x2, r2, weight.contiguous(), bias.contiguous(), out2, x2 if mean is None else mean,
@@ -572,7 +565,7 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     block, num_warps = _layer_norm_launch_config(n_cols)
-    with _device_context(x):
+    with device_context(x):
         launch(
             _add_dropout_layer_norm_bwd_kernel, (programs, 1, 1),
             (g2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
