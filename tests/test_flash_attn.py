@@ -31,6 +31,7 @@ for path in (REPO_ROOT, TESTS):
         sys.path.insert(0, path)
 
 import flash_attn_triton as fa  # noqa: E402
+import triton_launch  # noqa: E402
 from flash_attn_triton import check_max_seqlen, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func  # noqa: E402
 from reference import closed_form_slopes, varlen_attention  # noqa: E402
 
@@ -284,7 +285,7 @@ def test_packed_self_attention_layer_after_layer(monkeypatch):
         ref = varlen_attention(*(x.double() for x in cases[-1].unbind(1)), cu, cu, alibi_slopes=alibi,
                                compute_dtype=torch.float64)
         assert max_err(got, ref) <= 3e-3
-    if HAS_CUDA and fa.FAST_LAUNCH:  # the layouts seen before relaunch
+    if HAS_CUDA and triton_launch.FAST_LAUNCH:  # the layouts seen before relaunch
         assert len(relaunches) >= 4
 
 
