@@ -52,7 +52,6 @@ __all__ = [
     "fused_kernels_available",
     "gated_gelu",
     "gated_linear_gelu",
-    "reusable_linear",
     "reuse_cpu_gemm_output",
 ]
 
@@ -739,23 +738,17 @@ def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
     return F.dropout(out, dropout_p, training=True) if dropout_p > 0.0 else out
 
 
-_CPU_SCRATCH = threading.local()  # .buffers: {(slot, dtype): flat tensor} while `reuse_cpu_gemm_output` is active
+_CPU_SCRATCH = threading.local()  # .buffers: {dtype: flat tensor} while `reuse_cpu_gemm_output` is active
 
 
 @contextlib.contextmanager
 def reuse_cpu_gemm_output():
-    """Within this block, in this thread, CPU inference GEMMs whose output dies within the layer write it into one
-    buffer per slot, reused from call to call, instead of a fresh allocation each time (the encoder wraps its layer
-    loop in it): `gated_linear_gelu` (its (t, 2 * i) GEMM output, with the gated GELU computed in place) and
-    `reusable_linear` (the attention's (t, 3 * hidden) projection). At base width such outputs are past the
-    allocator's mmap threshold, so every call would map new pages and fault them in; reusing the buffers made a CPU
-    forward 4-15% faster (the GLU's) and ragged batches about 5% more (the gated GELU in place and the projection).
-
-    Results handed back inside the block are views of the buffers, valid until the next call for the same slot:
-    the caller must be done with one before it asks for the next (the encoder's layers are; the encoder enters the
-    block only when no forward hook could keep one). Only when nothing records a graph (a saved activation must not
-    be overwritten by the next layer) and autocast is off; the buffers are dropped when the block ends, so nothing
-    is held between forwards."""
+    """Within this block, in this thread, `gated_linear_gelu` on CPU writes its (t, 2 * i) GEMM output into one
+    buffer reused from call to call instead of a fresh allocation each time (the encoder wraps its layer loop in
+    it). At base width a fresh output is 6144 floats a token: past the allocator's mmap threshold, so every call
+    would map new pages and fault them in; reusing the buffer made a CPU forward 4-15% faster. Only when nothing
+    records a graph (a saved activation must not be overwritten by the next layer) and autocast is off; the
+    buffer is dropped when the block ends, so nothing is held between forwards."""
     previous = getattr(_CPU_SCRATCH, "buffers", None)
     _CPU_SCRATCH.buffers = {}
     try:
@@ -764,43 +757,17 @@ def reuse_cpu_gemm_output():
         _CPU_SCRATCH.buffers = previous
 
 
-def _reuses_buffer(x, weight):
-    """True when a GEMM of x and weight may write a reused buffer: inside `reuse_cpu_gemm_output`, on CPU, nothing
-    recording a graph or being compiled, and F.linear computing in x's dtype (autocast off, same dtypes)."""
-    return (
-        getattr(_CPU_SCRATCH, "buffers", None) is not None
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not _autocast_on(x)
-    )
-
-
-def _linear_into_buffer(x, weight, bias, slot):
-    """F.linear(x, weight, bias) written into this thread's reusable buffer for `slot`: (..., out), a view valid
-    until the next call for that slot."""
+def _cpu_gemm_into_scratch(x, weight):
+    """x @ weight^T written into this thread's reusable buffer: (..., 2 * i), valid until the next call."""
     buffers = _CPU_SCRATCH.buffers
     x2 = x.reshape(-1, x.shape[-1])
     size = x2.shape[0] * weight.shape[0]
-    buffer = buffers.get((slot, x.dtype))
+    buffer = buffers.get(x.dtype)
     if buffer is None or buffer.numel() < size:
-        buffer = buffers[(slot, x.dtype)] = torch.empty(size, dtype=x.dtype)
+        buffer = buffers[x.dtype] = torch.empty(size, dtype=x.dtype)
     out = buffer[:size].view(x2.shape[0], weight.shape[0])
-    if bias is None:
-        torch.mm(x2, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x2, weight.t(), out=out)
+    torch.mm(x2, weight.t(), out=out)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def reusable_linear(x, weight, bias=None, slot="linear"):
-    """`F.linear(x, weight, bias)`; inside `reuse_cpu_gemm_output` (CPU inference) the output is written into the
-    block's reused buffer for `slot` and is a view of it, valid until the next call for that slot."""
-    if _reuses_buffer(x, weight) and (bias is None or bias.dtype == x.dtype):
-        return _linear_into_buffer(x, weight, bias, slot)
-    return F.linear(x, weight, bias)
 
 
 def _autocast_on(x):
@@ -853,12 +820,10 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
         if compiling:
             return torch.ops.mosaic_bert.gated_linear_gelu(x, weight)
         return _gated_linear_gelu_forward(x, weight)
-    if _reuses_buffer(x, weight):
-        gated = _linear_into_buffer(x, weight, None, "gated")
-        if not (training and dropout_p > 0.0) and not _take_triton(use_triton, x):
-            # the GELU and the product in place in the buffer: the result is its gate half (a view, rows 2 * i apart)
-            gate, value = gated.split(gated.shape[-1] // 2, dim=-1)
-            return torch.ops.aten.gelu_(gate).mul_(value)
+    reuse_buffer = getattr(_CPU_SCRATCH, "buffers", None) is not None  # inside `reuse_cpu_gemm_output`
+    if plain_inference and reuse_buffer and x.device.type == "cpu" and not compiling:
+        # gated_gelu returns a new tensor: nothing handed back aliases the reused buffer
+        gated = _cpu_gemm_into_scratch(x, weight)
     else:
         gated = F.linear(x, weight)
     return gated_gelu(gated, dropout_p=dropout_p, training=training, use_triton=use_triton)

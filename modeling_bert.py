@@ -45,7 +45,7 @@ from .bert_padding import (
 )
 from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, PackedSelfAttention
-from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reusable_linear, reuse_cpu_gemm_output
+from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reuse_cpu_gemm_output
 
 # Not used here: transformers 4.x copies only the modeling file's own relative imports of a local model folder into
 # its module cache, and fused_ops.py and flash_attn_triton.py import this one.
@@ -688,9 +688,7 @@ class BertUnpadSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden_states, layout, slopes):
-        wqkv = self.Wqkv  # in CPU inference a plain Linear writes a buffer reused by every layer (fused_ops)
-        qkv = reusable_linear(hidden_states, wqkv.weight, wqkv.bias, "qkv") if _plain(wqkv) else wqkv(hidden_states)
-        qkv = qkv.view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
+        qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
         attend = ATTENTION_FUNCTIONS[layout.attention][0]
         context, probs = attend(qkv, layout.sequences, slopes, self.dropout_p if self.training else 0.0)
         return context.reshape(context.shape[0], -1), probs  # (t, hidden), (b, h, s, s) or None
@@ -732,12 +730,6 @@ def _has_forward_hooks(module):
     )
 
 
-def _plain(linear):
-    """True for an `nn.Linear` itself (not a subclass, an adapter or a quantized replacement) without forward hooks:
-    the model may apply its weight and bias directly instead of calling it."""
-    return type(linear) is nn.Linear and not _has_forward_hooks(linear)
-
-
 class BertGatedLinearUnitMLP(nn.Module):
     """Gated-GELU MLP: dropout(GELU(x W_g) * (x W_v)) in one fused pass, W_o, then residual + post-LayerNorm."""
 
@@ -753,7 +745,7 @@ class BertGatedLinearUnitMLP(nn.Module):
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
         # a forward hook) runs as itself.
         gated = self.gated_layers
-        if _plain(gated) and gated.bias is None:
+        if type(gated) is nn.Linear and gated.bias is None and not _has_forward_hooks(gated):
             glu = gated_linear_gelu(hidden_states, gated.weight, dropout_p=self.dropout.p, training=self.training)
         else:
             glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)
@@ -801,10 +793,8 @@ class BertEncoder(nn.Module):
 
         if output_hidden_states:
             hidden = keep(hidden)
-        # On CPU the attention projection's and the GLU's GEMM outputs go to buffers reused by every layer (no fresh
-        # pages to fault in); not where a forward hook could keep a view of one past its layer
+        # On CPU the GLU's GEMM output goes to one buffer reused by every layer (no fresh pages to fault in)
         reuse = hidden.device.type == "cpu" and not tracing()
-        reuse = reuse and not any(_has_forward_hooks(m) for m in self.layer.modules())
         with reuse_cpu_gemm_output() if reuse else contextlib.nullcontext():
             for i, layer in enumerate(self.layer):
                 last = i == len(self.layer) - 1
