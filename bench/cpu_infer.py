@@ -1,10 +1,11 @@
 """CPU inference speed, fp32: MosaicBERT-base against transformers' BertModel (sdpa) of the same width and depth.
 
-    python bench/cpu_infer.py [--threads 2] [--repeats 3]
+    python bench/cpu_infer.py [--threads 2] [--repeats 3] [--repo ../other-checkout ...]
 
 Real tokens/s (padding excluded) on ragged batches (lengths uniform in 8..256, batch 32) and on fixed-length
 batches (128, batch 16), plus achieved GFLOP/s from each model's own matmul FLOPs per token. Both models see the
-same token ids and attention masks in one run.
+same token ids and attention masks in one run; `--repo` adds MosaicBERT from other checkouts (same weights), timed
+in the same rotation, for an A/B of two versions on a host whose speed drifts between runs.
 """
 
 import argparse
@@ -61,15 +62,19 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--repo", nargs="*", default=[], help="other MosaicBERT checkouts to time beside this one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
-    config = AutoConfig.from_pretrained(REPO, trust_remote_code=True, **base)
-    ours = AutoModel.from_config(config, trust_remote_code=True)
+    ours = []
+    for repo in (REPO, *args.repo):
+        config = AutoConfig.from_pretrained(Path(repo).resolve(), trust_remote_code=True, **base)
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config, trust_remote_code=True).eval()
+        ours.append(("MosaicBERT" if repo == REPO else f"MosaicBERT {repo}", model))
     hf = BertModel(BertConfig(vocab_size=30528, attn_implementation="sdpa"))
     hf.config._attn_implementation = "sdpa"
-    ours.eval()
     hf.eval()
 
     rows = []
@@ -78,17 +83,18 @@ def main():
         real = sum(int(m.sum()) for _, m in data)
         attended = sum(int((m.sum(1) ** 2).sum()) for _, m in data) / real  # mean keys per real query
         padded_attended = sum(m.shape[1] * int(m.sum()) for _, m in data) / real
-        seconds = time_models((ours, hf), data, args.repeats)
-        for (name, glu, keys), sec in zip((("MosaicBERT", True, attended), ("HF BERT sdpa", False, padded_attended)),
-                                          seconds):
+        seconds = time_models([model for _, model in ours] + [hf], data, args.repeats)
+        specs = [(name, True, attended) for name, _ in ours] + [("HF BERT sdpa", False, padded_attended)]
+        kind_rows = []
+        for (name, glu, keys), sec in zip(specs, seconds):
             fpt = flops_per_token(768, 12, 3072, glu, keys)
             # HF BERT also computes every padded token.
             tokens_computed = real if glu else sum(m.numel() for _, m in data)
-            rows.append((kind, name, real / sec, fpt * tokens_computed / sec / 1e9))
+            kind_rows.append((kind, name, real / sec, fpt * tokens_computed / sec / 1e9))
+        rows += [(*row, row[2] / kind_rows[-1][2]) for row in kind_rows]  # ratio: real tok/s over BERT's
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'batches':8} {'model':14} {'real tok/s':>10} {'GFLOP/s':>8} {'ratio':>6}")
-    for i, (kind, name, tps, gflops) in enumerate(rows):
-        ratio = tps / rows[i + 1][2] if i % 2 == 0 else 1.0
+    for kind, name, tps, gflops, ratio in rows:
         print(f"{kind:8} {name:14} {tps:10.0f} {gflops:8.1f} {ratio:6.2f}")
 
 
