@@ -37,12 +37,20 @@ def pointer_kernel(x, w, config):
     return out
 
 
-def tma_kernel(x, w):
-    saved, fused_ops.GATED_GEMM_TMA_ROWS = fused_ops.GATED_GEMM_TMA_ROWS, 0
+# TMA kernel configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps) for --tma-sweep
+TMA_CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 64, 64, 8, 4, 4), (128, 64, 64, 8, 5, 4),
+               (128, 128, 32, 8, 5, 8), (64, 128, 64, 8, 4, 4), (256, 64, 64, 8, 3, 8), (128, 128, 64, 4, 3, 8)]
+
+
+def tma_kernel(x, w, config=None):
+    saved = fused_ops.GATED_GEMM_TMA_ROWS, fused_ops._gated_linear_config
+    fused_ops.GATED_GEMM_TMA_ROWS = 0
+    if config is not None:
+        fused_ops._gated_linear_config = lambda rows: config
     try:
         return fused_ops._gated_linear_gelu_forward(x, w)
     finally:
-        fused_ops.GATED_GEMM_TMA_ROWS = saved
+        fused_ops.GATED_GEMM_TMA_ROWS, fused_ops._gated_linear_config = saved
 
 
 def unfused(x, w):
@@ -88,6 +96,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 128, 512, 1024, 2048, 4096, 8192, 32768])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--tma-sweep", action="store_true",
+                        help="time the TMA kernel's tile configs instead (and the Linear alone, its GEMM's ceiling)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -95,6 +105,8 @@ def main():
     torch.manual_seed(0)
     w = (torch.randn(2 * INTER, HIDDEN, device="cuda") * HIDDEN**-0.5).to(dtype)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, n = {HIDDEN}, i = {INTER}")
+    if args.tma_sweep:
+        return tma_sweep(args.rows, w, dtype)
     head = ["rows", "unfused GPU", "TMA GPU", *(f"pointer {c}" for c in CONFIGS), "host: unfused", "host: auto"]
     print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
     with torch.inference_mode():
@@ -108,6 +120,24 @@ def main():
                 cells.append(f"{gpu_us(fn):.1f}" if err < 2e-2 else f"wrong ({err:.2g})")
             cells += [f"{host_us(lambda: unfused(x, w)):.1f}",
                       f"{host_us(lambda: fused_ops._gated_linear_gelu_forward(x, w)):.1f}"]
+            print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
+def tma_sweep(rows_list, w, dtype):
+    head = ["rows", "Linear alone", "unfused", *(f"TMA {c}" for c in TMA_CONFIGS)]
+    print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
+    with torch.inference_mode():
+        for rows in rows_list:
+            x = torch.randn(rows, HIDDEN, device="cuda").to(dtype)
+            ref = unfused(x, w).float()
+            cells = [f"{gpu_us(lambda: F.linear(x, w)):.1f}", f"{gpu_us(lambda: unfused(x, w)):.1f}"]
+            for config in TMA_CONFIGS:
+                fn = lambda c=config: tma_kernel(x, w, c)  # noqa: E731
+                try:
+                    err = (fn().float() - ref).abs().max().item() / ref.abs().max().item()
+                    cells.append(f"{gpu_us(fn):.1f}" if err < 2e-2 else f"wrong ({err:.2g})")
+                except Exception as e:  # e.g. out of shared memory: reported, the rest still run
+                    cells.append(f"failed: {type(e).__name__}")
             print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
