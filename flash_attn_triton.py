@@ -1032,7 +1032,7 @@ class PackedSelfAttention:
         self._kept = None  # (kept kernel, grid, non-pointer arguments, (q, out) addresses mod 16) of the last launch
 
     def __call__(self, qkv):
-        if _through_op(qkv):
+        if isinstance(qkv, torch.Tensor) and _through_op(qkv):
             return flash_attn_varlen_qkvpacked_func(
                 qkv, self.cu_seqlens, self.max_seqlen, softmax_scale=self.softmax_scale, causal=self.causal,
                 alibi_slopes=self.alibi_slopes, max_seqlen_checked=True,

@@ -300,6 +300,8 @@ def test_packed_self_attention_checks(monkeypatch):
         attention(torch.randn(t, 3, 4, 16, device=DEVICE, dtype=torch.float16))  # other heads: checked again
     with pytest.raises(ValueError, match="qkv must have shape"):
         attention(qkv[:, :2])
+    with pytest.raises(ValueError, match="qkv must have shape .* got list"):
+        attention([qkv])
     with pytest.raises(TypeError, match="int64"):
         attention(qkv.long())
     with pytest.raises(ValueError, match="head_dim 12 is not supported"):
