@@ -690,6 +690,11 @@ def _launch_tuned(kernel, grid, bucket, x, *args, **constexprs):
     return launch(kernel.fn, grid, args, x.device.index, **constexprs, **config), grid
 
 
+def _forward_pointers(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, slopes):
+    """The forward kernel's eight pointer arguments in its order; an unused lse or slopes gets a placeholder."""
+    return q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes
+
+
 def _forward_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                     causal, alibi_slopes):
     """Launches the forward kernel into out (and lse unless None); returns (the kept kernel or None, the grid, the
@@ -707,8 +712,7 @@ def _forward_launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     with device_context(q):
         kept, grid = _launch_tuned(
             _fwd_kernel, grid, bucket, q,
-            q, k, v, out, out if lse is None else lse, cu_seqlens_q, cu_seqlens_k, q if slopes is None else slopes,
-            *scalars,
+            *_forward_pointers(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, slopes), *scalars,
             HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
             HAS_ALIBI=slopes is not None, CAUSAL=causal,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, STORE_LSE=lse is not None,
@@ -1050,7 +1054,7 @@ class PackedSelfAttention:
         if kept is not None and kept[3] == alignment:
             entry, grid, scalars, _ = kept
             with device_context(q):
-                relaunch(entry, grid, (q, k, v, out, out, cu, cu, q if slopes is None else slopes, *scalars),
+                relaunch(entry, grid, (*_forward_pointers(q, k, v, out, None, cu, cu, slopes), *scalars),
                          q.device.index)
         else:
             entry, grid, scalars = _forward_launch(q, k, v, out, None, cu, cu, self.max_seqlen, self.max_seqlen,
