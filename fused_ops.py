@@ -412,8 +412,7 @@ def _gated_linear_config(rows):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps, FLATTEN, SPLIT_STORE) of the gated GEMM.
     Measured on an H100 (bf16, n = 768, i = 3072; BENCHMARKS.md): 128 x 128 tiles (two fp32 accumulators each) from
     2048 rows, 64 x 64 below, where 128-row tiles leave most SMs idle. Under the interpreter, 16-wide tiles so test
-    sizes cross several tiles,
-    a ragged edge and the persistent loop."""
+    sizes cross several tiles, a ragged edge and the persistent loop, and the split store."""
     if _INTERPRET:
         return 16, 16, 16, 2, 1, 1, False, True
     if rows >= 2048:
