@@ -111,6 +111,10 @@ def _through_op(*tensors):
 if HAS_TRITON:
 
     @triton.jit
+    def _gelu_times(gate, value):
+        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU(gate) * value
+
+    @triton.jit
     def _gated_gelu_fwd_kernel(
         X,  # (t, 2 * i); row stride stride_xt, columns contiguous
         Out,  # (t, i) contiguous
@@ -128,8 +132,7 @@ if HAS_TRITON:
         x_row = X + row * stride_xt
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))  # erf(g / sqrt(2))
-        out = gelu * value
+        out = _gelu_times(gate, value)
         if HAS_DROPOUT:  # Philox offset row * i + column: the backward regenerates the same mask
             keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
             out = tl.where(keep, out * scale, 0.0)
@@ -292,10 +295,6 @@ if HAS_TRITON:
                 out_desc.store([row0, col0 + BLOCK_N // 2], right)
             else:
                 out_desc.store([row0, col0], out)
-
-    @triton.jit
-    def _gelu_times(gate, value):
-        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU, as gated_gelu
 
     @triton.jit
     def _gated_linear_gelu_small_kernel(
