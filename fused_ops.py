@@ -265,19 +265,16 @@ if HAS_TRITON:
         t, inter, hidden,
         num_programs,  # the grid's size
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr, SPLIT_STORE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         # Persistent grid: num_programs programs walk the (BLOCK_M, BLOCK_N) output tiles, GROUP_M row blocks at a
         # time so the weight tiles they share stay in L2. Each tile accumulates x @ W_gate^T and x @ W_value^T
         # from the same x blocks and writes GELU(gate) * value: the (t, 2 * i) GEMM output never reaches memory.
         # TMA zero-fills loads past the edges and clips the store, so t, i and n need no multiple of a block.
-        # FLATTEN pipelines the tile and k loops as one (the next tile's loads overlap this tile's epilogue);
-        # SPLIT_STORE writes the tile as two (BLOCK_M, BLOCK_N / 2) halves (out_desc's block), half the epilogue's
-        # shared memory.
         num_m = tl.cdiv(t, BLOCK_M)
         num_n = tl.cdiv(inter, BLOCK_N)
         tiles_per_group = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs, flatten=FLATTEN):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
             first_m = (tile // tiles_per_group) * GROUP_M
             group_rows = tl.minimum(num_m - first_m, GROUP_M)
             row0 = (first_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
@@ -288,13 +285,7 @@ if HAS_TRITON:
                 a = x_desc.load([row0, k])
                 gate = tl.dot(a, gate_desc.load([col0, k]).T, gate, input_precision=DOT_PRECISION)
                 value = tl.dot(a, value_desc.load([col0, k]).T, value, input_precision=DOT_PRECISION)
-            out = _gelu_times(gate, value).to(out_desc.dtype)
-            if SPLIT_STORE:
-                left, right = tl.split(out.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1))
-                out_desc.store([row0, col0], left)
-                out_desc.store([row0, col0 + BLOCK_N // 2], right)
-            else:
-                out_desc.store([row0, col0], out)
+            out_desc.store([row0, col0], _gelu_times(gate, value).to(out_desc.dtype))
 
     @triton.jit
     def _gated_linear_gelu_small_kernel(
@@ -408,15 +399,15 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
 
 
 def _gated_linear_config(rows):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps, FLATTEN, SPLIT_STORE) of the gated GEMM.
-    Measured on an H100 (bf16, n = 768, i = 3072; BENCHMARKS.md): 128 x 128 tiles (two fp32 accumulators each) from
-    2048 rows, 64 x 64 below, where 128-row tiles leave most SMs idle. Under the interpreter, 16-wide tiles so test
-    sizes cross several tiles, a ragged edge and the persistent loop, and the split store."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) of the gated GEMM. Measured on an H100 (bf16,
+    n = 768, i = 3072; BENCHMARKS.md): 128 x 128 tiles (two fp32 accumulators each) from 2048 rows, 64 x 64 below,
+    where 128-row tiles leave most SMs idle. Under the interpreter, 16-wide tiles so test sizes cross several tiles,
+    a ragged edge and the persistent loop."""
     if _INTERPRET:
-        return 16, 16, 16, 2, 1, 1, False, True
+        return 16, 16, 16, 2, 1, 1
     if rows >= 2048:
-        return 128, 128, 64, 8, 3, 8, False, False
-    return 64, 64, 64, 8, 4, 4, False, False
+        return 128, 128, 64, 8, 3, 8
+    return 64, 64, 64, 8, 4, 4
 
 
 _SM_COUNTS = {}
@@ -486,16 +477,16 @@ def _gated_linear_gelu_forward(x, weight):
         if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(
             x2, gate_w := weight[:inter], value_w := weight[inter:], out2
         ):
-            block_m, block_n, block_k, group_m, num_stages, num_warps, flatten, split = _gated_linear_config(rows)
+            block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
             programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
             _gated_linear_gelu_kernel[(programs,)](
                 TensorDescriptor.from_tensor(x2, [block_m, block_k]),
                 TensorDescriptor.from_tensor(gate_w, [block_n, block_k]),
                 TensorDescriptor.from_tensor(value_w, [block_n, block_k]),
-                TensorDescriptor.from_tensor(out2, [block_m, block_n // 2 if split else block_n]),
+                TensorDescriptor.from_tensor(out2, [block_m, block_n]),
                 rows, inter, hidden, programs,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, DOT_PRECISION=dot_precision,
-                FLATTEN=flatten, SPLIT_STORE=split, num_stages=num_stages, num_warps=num_warps,
+                num_stages=num_stages, num_warps=num_warps,
             )
         else:
             block_m, block_n, block_k, num_stages, num_warps = _gated_linear_small_config(rows)

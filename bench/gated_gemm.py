@@ -37,14 +37,11 @@ def pointer_kernel(x, w, config):
     return out
 
 
-# TMA kernel configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps, FLATTEN, SPLIT_STORE) for --tma-sweep
-TMA_CONFIGS = [
-    (128, 128, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 3, 8, True, False), (128, 128, 64, 8, 3, 8, False, True),
-    (128, 128, 64, 8, 3, 8, True, True), (128, 128, 64, 8, 4, 8, False, True), (128, 128, 64, 8, 4, 8, True, True),
-    (128, 128, 64, 4, 4, 8, True, True), (128, 128, 64, 16, 4, 8, True, True), (128, 64, 64, 8, 4, 4, True, False),
-    (128, 64, 64, 8, 5, 4, True, True), (128, 128, 32, 8, 6, 8, True, True), (64, 128, 64, 8, 4, 4, True, True),
-    (128, 128, 128, 8, 2, 8, True, True), (256, 64, 64, 8, 3, 8, True, True),
-]
+# TMA kernel configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps) for --tma-sweep. Tried and dropped
+# (BENCHMARKS.md, 2026-12-06): flattening the tile and k loops (tl.range(flatten=True)) and storing the tile in two
+# halves, both slower at 8192 and 32768 rows; 64- and 256-row tiles, BLOCK_K 32 and 128.
+TMA_CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 4, 3, 8), (128, 128, 64, 16, 3, 8), (128, 128, 64, 8, 4, 8),
+               (128, 128, 64, 8, 2, 8), (128, 64, 64, 8, 4, 4)]
 
 
 def tma_kernel(x, w, config=None):
