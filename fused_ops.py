@@ -115,6 +115,16 @@ if HAS_TRITON:
         return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU(gate) * value
 
     @triton.jit
+    def _dropout_keep(seed, row_offset, col0, dropout_p, BLOCK_N: tl.constexpr):
+        # The keep mask of columns col0 ... col0 + BLOCK_N - 1 (col0 a multiple of 4) of the row whose Philox
+        # counters start at row_offset (row * n): one Philox call gives the four uniforms of columns 4q ... 4q + 3,
+        # counter row_offset + q. The forward and the backward call this with the same arguments for the same mask.
+        quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+        u0, u1, u2, u3 = tl.rand4x(seed, row_offset + quads)
+        # (BLOCK_N / 4, 2, 2) with [q, a, b] = u_(2a + b), read in row-major order: column 4q + k gets u_k
+        return tl.join(tl.join(u0, u2), tl.join(u1, u3)).reshape(BLOCK_N) >= dropout_p
+
+    @triton.jit
     def _gated_gelu_fwd_kernel(
         X,  # (t, 2 * i); row stride stride_xt, columns contiguous
         Out,  # (t, i) contiguous
@@ -133,8 +143,8 @@ if HAS_TRITON:
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         out = _gelu_times(gate, value)
-        if HAS_DROPOUT:  # Philox offset row * i + column: the backward regenerates the same mask
-            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
+        if HAS_DROPOUT:  # the backward regenerates the same mask (_dropout_keep), nothing is stored
+            keep = _dropout_keep(tl.load(Seed), row * inter, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_N)
             out = tl.where(keep, out * scale, 0.0)
         tl.store(Out + row * stride_ot + cols, out.to(Out.dtype.element_ty), mask=mask)
 
@@ -158,7 +168,7 @@ if HAS_TRITON:
         value = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:  # the forward's mask, regenerated from the seed, never stored
-            keep = tl.rand(tl.load(Seed), row * inter + cols) >= dropout_p
+            keep = _dropout_keep(tl.load(Seed), row * inter, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_N)
             grad = tl.where(keep, grad * scale, 0.0)
         # GELU is recomputed, not stored: d/dg [g * Phi(g)] = Phi(g) + g * phi(g).
         cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))  # Phi(g) = (1 + erf(g / sqrt(2))) / 2
@@ -187,8 +197,8 @@ if HAS_TRITON:
         mask = cols < n_cols
         z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            # The backward regenerates this mask from (seed, row * n + col); nothing is stored.
-            keep = tl.rand(tl.load(Seed), row * n_cols + cols) >= dropout_p
+            # The backward regenerates this mask from the seed and the row; nothing is stored.
+            keep = _dropout_keep(tl.load(Seed), row * n_cols, 0, dropout_p, BLOCK_N)
             z = tl.where(keep, z * dropout_scale, 0.0)
         if HAS_RESIDUAL:
             z += tl.load(Residual + row * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
@@ -235,7 +245,7 @@ if HAS_TRITON:
             row = tl.cast(r, tl.int64)
             z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_DROPOUT:
-                keep = tl.rand(seed, row * n_cols + cols) >= dropout_p
+                keep = _dropout_keep(seed, row * n_cols, 0, dropout_p, BLOCK_N)
                 z = tl.where(keep, z * dropout_scale, 0.0)
             if HAS_RESIDUAL:
                 z += tl.load(Residual + row * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
@@ -533,13 +543,16 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
     return out, mean, rstd
 
 
+# Programs per SM of the LayerNorm backward. Each walks a contiguous run of rows and keeps one (n,) set of
+# d_weight / d_bias partials, so the (programs, n) fp32 partial buffer stays small; with 4 warps a program, 8 a SM
+# keep 32 warps resident to hide the loads' latency (BENCHMARKS.md, 2026-12-06: `bench/elementwise.py`).
+LAYER_NORM_BWD_PROGRAMS_PER_SM = 8
+
+
 def _layer_norm_bwd_programs(n_rows, device):
-    """Programs of the backward: two per SM, so each keeps one set of d_weight/d_bias partials for a long run of
-    rows (the (programs, n) fp32 partial buffer stays tiny); 4 under the interpreter, to test the row loop."""
-    if device.type == "cuda":
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        programs = 4
+    """Programs of the LayerNorm backward: LAYER_NORM_BWD_PROGRAMS_PER_SM per SM on a GPU, 4 under the
+    interpreter (to test the row loop); never more than rows."""
+    programs = LAYER_NORM_BWD_PROGRAMS_PER_SM * _sm_count(device) if device.type == "cuda" else 4
     return max(1, min(n_rows, programs))
 
 

@@ -288,9 +288,28 @@ def test_dropout_same_seed_same_result(use_triton):
 
 @requires_kernels
 def test_dropout_masks_differ_across_rows():
-    # The Philox offset is row * hidden + column: rows must not repeat each other's mask.
+    # Philox counters start at row * hidden: rows must not repeat each other's mask.
     _, _, keep = run_with_dropout(True, 0.5, rows=8, hidden=32)
     assert len({tuple(row.tolist()) for row in keep}) == 8
+
+
+@requires_kernels
+def test_dropout_mask_lanes_are_independent():
+    # One Philox call gives the uniforms of four neighbouring columns (4q ... 4q + 3): each of the four columns of a
+    # quad drops at rate p on its own, and no column repeats another (a wrong interleave would copy one lane into
+    # several, or give columns 4q and 4q + 1 the same draw). 100 x 160 draws, gated GELU and LayerNorm kernels.
+    p, rows, inter = 0.5, 100, 160
+    torch.manual_seed(3)
+    out = gated_gelu(torch.ones(rows, 2 * inter), dropout_p=p, training=True, use_triton=True)
+    _, _, ln_keep = run_with_dropout(True, p, rows=rows, hidden=inter)
+    for keep in (out != 0, ln_keep):
+        lanes = keep.view(rows, inter // 4, 4).double()
+        for k in range(4):  # 4000 draws a lane: standard deviation 0.008
+            assert abs(lanes[..., k].mean().item() - (1 - p)) < 0.04, k
+        for a in range(4):
+            for b in range(a + 1, 4):  # independent lanes agree half the time at p = 0.5
+                agree = (lanes[..., a] == lanes[..., b]).double().mean().item()
+                assert abs(agree - 0.5) < 0.04, (a, b, agree)
 
 
 @pytest.mark.parametrize("use_triton", PATHS)

@@ -1,0 +1,121 @@
+"""The training step's element-wise kernels at base size on one GPU: the gated GELU and add + dropout + LayerNorm,
+forward and backward, with and without dropout, as an MLM training step at 256 x 128 tokens calls them (bf16
+autocast: the GEMM outputs bf16, the LayerNorm's residual and output fp32).
+
+    python bench/elementwise.py [--rows 32768] [--repo PATH ...] [--bwd-programs 2 4 8 16]
+
+GPU µs per call from a CUDA graph of 20 calls (best of 5 replays) and the bytes each call must move over that
+time (GB/s). `--repo` times the kernels of other checkouts in the same process, side by side; `--bwd-programs`
+also times the LayerNorm backward with that many programs per SM (`fused_ops.LAYER_NORM_BWD_PROGRAMS_PER_SM`).
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, INTER = 768, 3072
+
+
+def load_fused_ops(repo, index):
+    """The fused_ops module of checkout `repo`, imported under its own name (with its triton_launch)."""
+    repo = Path(repo).resolve()
+    saved = sys.modules.get("triton_launch")
+    sys.path.insert(0, str(repo))
+    try:
+        sys.modules.pop("triton_launch", None)
+        spec = importlib.util.spec_from_file_location(f"fused_ops_{index}", repo / "fused_ops.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(repo))
+        if saved is not None:
+            sys.modules["triton_launch"] = saved
+    return module
+
+
+def gpu_us(fn, calls=20):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    return best
+
+
+def cases(ops, rows, p):
+    """(name, fn, bytes moved) for one fused_ops module."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    seed = torch.randint(0, 2**62, (1,), device="cuda") if p > 0 else None
+    glu_in = torch.randn(rows, 2 * INTER, device="cuda", dtype=bf16)
+    glu_grad = torch.randn(rows, INTER, device="cuda", dtype=bf16)
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=bf16)  # a Linear's output
+    residual = torch.randn(rows, HIDDEN, device="cuda", dtype=fp32)  # the fp32 residual stream
+    weight = torch.ones(HIDDEN, device="cuda")
+    bias = torch.zeros(HIDDEN, device="cuda")
+    ln_grad = torch.randn(rows, HIDDEN, device="cuda", dtype=fp32)
+    _, mean, rstd = ops._add_dropout_layer_norm_forward(x, residual, weight, bias, seed, 1e-12, p, fp32)
+    glu_bytes = rows * INTER * 2
+    ln_bytes = rows * HIDDEN
+    return [
+        ("gated GELU fwd", lambda: ops._gated_gelu_forward(glu_in, seed, p), 3 * glu_bytes),
+        ("gated GELU bwd", lambda: ops._gated_gelu_backward(glu_grad, glu_in, seed, p), 5 * glu_bytes),
+        ("add+LN fwd", lambda: ops._add_dropout_layer_norm_forward(x, residual, weight, bias, seed, 1e-12, p, fp32),
+         ln_bytes * (2 + 4 + 4)),
+        ("add+LN bwd", lambda: ops._add_dropout_layer_norm_backward(ln_grad, x, residual, weight, bias, mean, rstd,
+                                                                    seed, p), ln_bytes * (4 + 2 + 4 + 2 + 4)),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--repo", nargs="*", default=[], help="other checkouts to time side by side")
+    parser.add_argument("--bwd-programs", type=int, nargs="*", default=[])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    torch.manual_seed(0)
+    repos = [REPO, *args.repo]
+    modules = [load_fused_ops(r, i) for i, r in enumerate(repos)]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, rows = {args.rows}, n = {HIDDEN}, i = {INTER}")
+    names = ["this checkout", *args.repo]
+    print("| kernel | dropout | " + " | ".join(f"{n}: µs (GB/s)" for n in names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    with torch.no_grad():
+        for p in (0.0, 0.1):
+            per_module = [cases(ops, args.rows, p) for ops in modules]
+            for k, (name, _, nbytes) in enumerate(per_module[0]):
+                cells = []
+                for module_cases in per_module:
+                    us = gpu_us(module_cases[k][1])
+                    cells.append(f"{us:.1f} ({nbytes / us / 1e3:.0f})")
+                print(f"| {name} | {p} | " + " | ".join(cells) + " |", flush=True)
+        ops = modules[0]
+        saved = ops.LAYER_NORM_BWD_PROGRAMS_PER_SM
+        for per_sm in args.bwd_programs:
+            ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = per_sm
+            for p in (0.0, 0.1):
+                name, fn, nbytes = cases(ops, args.rows, p)[3]
+                us = gpu_us(fn)
+                print(f"| {name}, {per_sm} programs / SM | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
+        ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = saved
+
+
+if __name__ == "__main__":
+    main()
