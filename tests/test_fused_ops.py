@@ -300,7 +300,7 @@ def test_dropout_mask_lanes_are_independent():
     # several, or give columns 4q and 4q + 1 the same draw). 100 x 160 draws, gated GELU and LayerNorm kernels.
     p, rows, inter = 0.5, 100, 160
     torch.manual_seed(3)
-    out = gated_gelu(torch.ones(rows, 2 * inter), dropout_p=p, training=True, use_triton=True)
+    out = gated_gelu(torch.ones(rows, 2 * inter, device=DEVICE), dropout_p=p, training=True, use_triton=True)
     _, _, ln_keep = run_with_dropout(True, p, rows=rows, hidden=inter)
     for keep in (out != 0, ln_keep):
         lanes = keep.view(rows, inter // 4, 4).double()
