@@ -544,9 +544,11 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
 
 
 # Programs per SM of the LayerNorm backward. Each walks a contiguous run of rows and keeps one (n,) set of
-# d_weight / d_bias partials, so the (programs, n) fp32 partial buffer stays small; with 4 warps a program, 8 a SM
-# keep 32 warps resident to hide the loads' latency (BENCHMARKS.md, 2026-12-06: `bench/elementwise.py`).
-LAYER_NORM_BWD_PROGRAMS_PER_SM = 8
+# d_weight / d_bias partials, so the (programs, n) fp32 partial buffer stays small (6 MB at 132 SMs, n = 768).
+# More programs keep more warps resident to hide the loads' latency: at 32768 x 768, 2 a SM took 211 / 271 µs
+# (without / with dropout), 4: 172 / 199, 8: 184 / 204, 16: 171 / 185 (H100, `python bench/elementwise.py
+# --bwd-programs 2 4 16`, BENCHMARKS.md 2026-12-06).
+LAYER_NORM_BWD_PROGRAMS_PER_SM = 16
 
 
 def _layer_norm_bwd_programs(n_rows, device):
