@@ -363,8 +363,9 @@ def _gelu_launch_config(inter):
 
 def _layer_norm_launch_config(n_cols):
     """(BLOCK_N, num_warps) for the LayerNorm kernels: the whole row, 256 columns per warp up to 8 warps
-    (n = 768 or 1024: 4 warps, 8 fp32 values per thread)."""
-    block = next_power_of_2(n_cols)
+    (n = 768 or 1024: 4 warps, 8 fp32 values per thread); at least 4 columns, one Philox call's worth for the
+    dropout mask (`_dropout_keep`)."""
+    block = max(next_power_of_2(n_cols), 4)
     return block, 1 if _INTERPRET else min(max(block // 256, 1), 8)
 
 
