@@ -185,11 +185,13 @@ if HAS_TRITON:
         Residual,  # (t, n) like X; unused without HAS_RESIDUAL
         W, B,  # (n,) contiguous
         Out,  # (t, n) contiguous, out dtype
+        Copy,  # (t, n) contiguous like Out, the copy's dtype (a GEMM's input); unused without HAS_COPY
         Mean, Rstd,  # (t,) fp32, for the backward; unused without STORE_STATS
         Seed,  # (1,) int64 Philox seed; unused without HAS_DROPOUT
         stride_xt, stride_rt, stride_ot,
         n_cols, eps, dropout_p, dropout_scale,
-        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_STATS: tl.constexpr, HAS_COPY: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         # Grid: (t,). One row per program, whole row in registers (BLOCK_N >= n).
         row = tl.program_id(0).to(tl.int64)
@@ -209,6 +211,8 @@ if HAS_TRITON:
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         y = zc * rstd * w + b
         tl.store(Out + row * stride_ot + cols, y.to(Out.dtype.element_ty), mask=mask)
+        if HAS_COPY:  # the same values rounded once more, as a cast of Out would
+            tl.store(Copy + row * stride_ot + cols, y.to(Out.dtype.element_ty).to(Copy.dtype.element_ty), mask=mask)
         if STORE_STATS:
             tl.store(Mean + row, mean)
             tl.store(Rstd + row, rstd)
@@ -216,15 +220,16 @@ if HAS_TRITON:
     @triton.jit
     def _add_dropout_layer_norm_bwd_kernel(
         DOut,  # (t, n); row stride stride_gt, columns contiguous
+        DCopy,  # (t, n); row stride stride_ct, the copy's gradient, added to DOut's; unused without HAS_DCOPY
         X, Residual,  # (t, n) as in the forward
         W,  # (n,)
         Mean, Rstd,  # (t,) fp32 from the forward
         Seed,  # (1,) int64, the forward's seed
         DX, DResidual,  # (t, n) contiguous, in x's / residual's dtype
         DWPartial, DBPartial,  # (programs, n) fp32: one row of partial sums per program
-        stride_gt, stride_xt, stride_rt, stride_dxt, stride_drt,
+        stride_gt, stride_ct, stride_xt, stride_rt, stride_dxt, stride_drt,
         n_rows, n_cols, rows_per_program, dropout_p, dropout_scale,
-        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DCOPY: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid: (programs,). Each program walks a contiguous run of rows and keeps its share of d_weight and
         # d_bias in fp32 registers; the host sums the (programs, n) partials (deterministic, no atomics).
@@ -253,6 +258,8 @@ if HAS_TRITON:
             rstd = tl.load(Rstd + row)
             xhat = tl.where(mask, (z - mean) * rstd, 0.0)
             dy = tl.load(DOut + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DCOPY:
+                dy += tl.load(DCopy + row * stride_ct + cols, mask=mask, other=0.0).to(tl.float32)
             dw += dy * xhat
             db += dy
             wdy = w * dy
@@ -514,10 +521,12 @@ def _dropout_scale(dropout_p):
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, store_stats=True):
+def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, store_stats=True,
+                                    copy=None):
     """x, residual: (..., n); weight, bias: (n,); seed: (1,) int64 on x's device, or None when dropout_p == 0.
     Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x) + residual, or None, None with
-    store_stats=False (a forward no backward will follow: two allocations and stores fewer)."""
+    store_stats=False (a forward no backward will follow: two allocations and stores fewer). `copy`, a contiguous
+    tensor of x's shape, also receives out cast to its dtype (written in the same pass)."""
     _require_triton()
     n_cols = x.shape[-1]
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -534,12 +543,12 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
     with device_context(x):
         launch(
             _add_dropout_layer_norm_fwd_kernel, (x2.shape[0], 1, 1),
-            (x2, r2, weight.contiguous(), bias.contiguous(), out2, x2 if mean is None else mean,
-             x2 if rstd is None else rstd, seed if has_dropout else x2,
+            (x2, r2, weight.contiguous(), bias.contiguous(), out2, out2 if copy is None else copy.view(-1, n_cols),
+             x2 if mean is None else mean, x2 if rstd is None else rstd, seed if has_dropout else x2,
              x2.stride(0), r2.stride(0), out2.stride(0),
              n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p)),
             x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_STATS=store_stats,
-            BLOCK_N=block, num_warps=num_warps,
+            HAS_COPY=copy is not None, BLOCK_N=block, num_warps=num_warps,
         )
     return out, mean, rstd
 
@@ -559,9 +568,10 @@ def _layer_norm_bwd_programs(n_rows, device):
     return max(1, min(n_rows, programs))
 
 
-def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p):
-    """Shapes as in the forward; grad_out: (..., n). Returns d_x (x's dtype), d_residual (residual's dtype; an
-    empty tensor when residual is None), d_weight, d_bias (their parameters' dtypes, reduced in fp32)."""
+def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=None):
+    """Shapes as in the forward; grad_out: (..., n); grad_copy: the gradient of the forward's copy, or None. Returns
+    d_x (x's dtype), d_residual (residual's dtype; an empty tensor when residual is None), d_weight, d_bias (their
+    parameters' dtypes, reduced in fp32), for the sum of the two output gradients."""
     _require_triton()
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -573,6 +583,7 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     if n_rows == 0:
         return dx, dres, torch.zeros_like(weight), torch.zeros_like(bias)
     x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, n_cols)
+    c2 = _rows(grad_copy) if grad_copy is not None else g2
     r2 = _rows(residual) if residual is not None else x2
     dr2 = dres.view(-1, n_cols) if residual is not None else dx2
     has_dropout = seed is not None and dropout_p > 0.0
@@ -583,12 +594,12 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     with device_context(x):
         launch(
             _add_dropout_layer_norm_bwd_kernel, (programs, 1, 1),
-            (g2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
+            (g2, c2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
              dx2, dr2, dw_partial, db_partial,
-             g2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
+             g2.stride(0), c2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
              n_rows, n_cols, cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p)),
-            x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, BLOCK_N=block,
-            num_warps=num_warps,
+            x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
+            HAS_DCOPY=grad_copy is not None, BLOCK_N=block, num_warps=num_warps,
         )
     return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype)
 
@@ -646,14 +657,21 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         eps: float,
         dropout_p: float,
         out_dtype: torch.dtype,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype)
+        copy_dtype: Optional[torch.dtype],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (out, copy, mean, rstd); copy is out in copy_dtype, or an empty tensor when copy_dtype is None
+        copy = x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or out_dtype)
+        out, mean, rstd = _add_dropout_layer_norm_forward(
+            x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy=copy if copy_dtype is not None else None
+        )
+        return out, copy, mean, rstd
 
     @_add_dropout_layer_norm_fwd_op.register_fake
-    def _(x, residual, weight, bias, seed, eps, dropout_p, out_dtype):
+    def _(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
         stats_shape = x.shape[:-1]
         return (
             x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or out_dtype),
             x.new_empty(stats_shape, dtype=torch.float32),
             x.new_empty(stats_shape, dtype=torch.float32),
         )
@@ -661,6 +679,7 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
     @torch.library.custom_op("mosaic_bert::add_dropout_layer_norm_bwd", mutates_args=())
     def _add_dropout_layer_norm_bwd_op(
         grad_out: torch.Tensor,
+        grad_copy: Optional[torch.Tensor],
         x: torch.Tensor,
         residual: Optional[torch.Tensor],
         weight: torch.Tensor,
@@ -670,27 +689,31 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         seed: Optional[torch.Tensor],
         dropout_p: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p)
+        return _add_dropout_layer_norm_backward(
+            grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy
+        )
 
     @_add_dropout_layer_norm_bwd_op.register_fake
-    def _(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p):
+    def _(grad_out, grad_copy, x, residual, weight, bias, mean, rstd, seed, dropout_p):
         dres = torch.empty_like(residual) if residual is not None else x.new_empty((0,))
         return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(bias)
 
     def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
-        x, residual, weight, bias, seed, eps, dropout_p, out_dtype = inputs
-        _, mean, rstd = output
+        x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
+        _, _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
         ctx.has_residual = residual is not None
+        ctx.has_copy = copy_dtype is not None
 
-    def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_mean, grad_rstd):
+    def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
         x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
         dx, dres, dw, db = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
-            grad_out, x, residual, weight, bias, mean, rstd, seed, ctx.dropout_p
+            grad_out, grad_copy if ctx.has_copy else None, x, residual, weight, bias, mean, rstd, seed,
+            ctx.dropout_p,
         )
-        return dx, dres if ctx.has_residual else None, dw, db, None, None, None, None
+        return dx, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
 
     _add_dropout_layer_norm_fwd_op.register_autograd(
         _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context
@@ -845,7 +868,7 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
 
 
 def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,
-                           use_triton=None):
+                           use_triton=None, copy_dtype=None):
     """LayerNorm(dropout(x) + residual) over the last dimension, in one pass forward and one backward.
 
     Args:
@@ -862,9 +885,13 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
             dtype without a residual. Under autocast a bf16 Linear output plus an fp32 residual stream thus gives
             fp32; pass the autocast dtype to normalize in low precision (`low_precision_layernorm`).
         use_triton (`bool`, *optional*): as in `gated_gelu`.
+        copy_dtype (`torch.dtype`, *optional*): also return the output cast to this dtype, written by the same pass
+            (e.g. the autocast dtype for the next GEMM's input, where the output itself stays fp32); in the
+            backward the two outputs' gradients are summed inside the kernel.
 
     Returns:
-        `torch.Tensor` of x's shape in out_dtype. Sum and statistics are computed in fp32. Gradients come back in
+        `torch.Tensor` of x's shape in out_dtype, or the pair (output, copy) with copy_dtype. Sum and statistics
+        are computed in fp32. Gradients come back in
         the dtypes of x, residual, weight and bias. With the kernel, the dropout mask comes from a Philox seed
         drawn with torch's generator on x's device (reproducible under `torch.manual_seed`, no host sync) and is
         regenerated in the backward, never stored; the PyTorch path draws its mask with `F.dropout` instead.
@@ -881,6 +908,8 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     if out_dtype is None:
         # promote_types, not result_type: dynamo traces the former as a constant, the latter is a graph break
         out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if copy_dtype is not None and copy_dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"copy_dtype must be one of {_SUPPORTED_DTYPES}, got {copy_dtype}")
     dropout_p = float(dropout_p) if training else 0.0
     supported = (
         x.dtype in _SUPPORTED_DTYPES and weight.dtype in _SUPPORTED_DTYPES and bias.dtype in _SUPPORTED_DTYPES
@@ -890,18 +919,20 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
         if _through_op(x, residual, weight, bias):
-            out, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
-                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype
+            out, copy, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
+                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, copy_dtype
             )
         else:
+            copy = None if copy_dtype is None else torch.empty(x.shape, dtype=copy_dtype, device=x.device)
             out, _, _ = _add_dropout_layer_norm_forward(
-                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, store_stats=False
+                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, store_stats=False, copy=copy
             )
-        return out
+        return out if copy_dtype is None else (out, copy)
     # reference path: the same computation in fp32 PyTorch ops, which inductor fuses on its own
     z = x.float()
     if dropout_p > 0.0:
         z = F.dropout(z, dropout_p, training=True)
     if residual is not None:
         z = z + residual.float()
-    return F.layer_norm(z, (hidden,), weight.float(), bias.float(), eps).to(out_dtype)
+    out = F.layer_norm(z, (hidden,), weight.float(), bias.float(), eps).to(out_dtype)
+    return out if copy_dtype is None else (out, out.to(copy_dtype))

@@ -313,6 +313,43 @@ def test_dropout_mask_lanes_are_independent():
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
+# bf16 on the GPU only: the interpreter rounds fp32 -> bf16 toward zero, where the GPU and torch round to nearest
+@pytest.mark.parametrize("copy_dtype", [torch.float16, *([torch.bfloat16] if HAS_CUDA else [])], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_layer_norm_copy_is_the_cast_output_and_both_gradients_count(use_triton, copy_dtype, dropout_p):
+    # copy_dtype: the output and its cast in one pass. The copy equals out.to(copy_dtype) bit for bit, and with a
+    # loss on both outputs the gradients equal those of the explicit cast (same seed, so the same dropout mask) and,
+    # without dropout, the float64 reference's for the summed upstream gradient.
+    rows, hidden = 19, 48
+    inputs = leaves(*ln_inputs(rows, hidden, torch.float32, residual_dtype=torch.float32))
+    g_out, g_copy = rand(rows, hidden, seed=20), rand(rows, hidden, seed=21).to(copy_dtype)
+    torch.manual_seed(7)
+    out, copy = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=dropout_p, training=True, use_triton=use_triton,
+                                       copy_dtype=copy_dtype)
+    assert out.dtype == torch.float32 and copy.dtype == copy_dtype
+    assert torch.equal(copy, out.to(copy_dtype))
+    got = grads((out * g_out).sum() + (copy * g_copy).sum().float(), inputs, torch.ones(()))
+    torch.manual_seed(7)
+    plain = add_dropout_layer_norm(*inputs, 1e-5, dropout_p=dropout_p, training=True, use_triton=use_triton)
+    assert torch.equal(plain, out)
+    expected = grads((plain * g_out).sum() + (plain.to(copy_dtype) * g_copy).sum().float(), inputs, torch.ones(()))
+    for name, g, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), got, expected):
+        assert_close(g, e, torch.float32, name)
+    if dropout_p == 0.0:
+        ref_inputs = leaves(*(t.double() for t in inputs))
+        ref = layer_norm_reference(*ref_inputs, 1e-5)
+        ref_grads = grads(ref, ref_inputs, g_out.double() + g_copy.double())
+        for name, g, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), got, ref_grads):
+            assert_close(g, e, torch.float32, name)
+
+
+def test_layer_norm_copy_dtype_must_be_supported():
+    inputs = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
+    with pytest.raises(ValueError, match="copy_dtype"):
+        add_dropout_layer_norm(*inputs, 1e-5, copy_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
 @pytest.mark.parametrize("hidden", [1, 2, 3, 5])
 def test_dropout_on_rows_narrower_than_a_philox_call(use_triton, hidden):
     # One Philox call covers four columns: rows of fewer (or not a multiple of four) still get the mask that the
