@@ -632,16 +632,27 @@ class BertLayerNorm(nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         self.low_precision = low_precision
 
-    def forward(self, x, residual=None, dropout_p=0.0):
-        """LayerNorm(dropout(x) + residual); dropout only in training."""
-        out_dtype = None
+    def forward(self, x, residual=None, dropout_p=0.0, with_copy=False):
+        """LayerNorm(dropout(x) + residual); dropout only in training.
+
+        With `with_copy`, returns (output, copy): under autocast with an fp32 output and a 16-bit autocast dtype,
+        copy is the output in that dtype, written by the same kernel pass, for a Linear to read instead of casting
+        the output itself (one pass and, in the backward, one gradient add fewer); otherwise None.
+        """
+        out_dtype = copy_dtype = None
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            out_dtype = torch.get_autocast_dtype(device_type) if self.low_precision else torch.float32
-        return add_dropout_layer_norm(
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            out_dtype = autocast_dtype if self.low_precision else torch.float32
+            if with_copy and out_dtype == torch.float32 and autocast_dtype in (torch.float16, torch.bfloat16):
+                copy_dtype = autocast_dtype
+        out = add_dropout_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p, training=self.training,
-            out_dtype=out_dtype,
+            out_dtype=out_dtype, copy_dtype=copy_dtype,
         )
+        if not with_copy:
+            return out
+        return out if copy_dtype is not None else (out, None)
 
 
 def layer_norm(config):
@@ -687,8 +698,10 @@ class BertUnpadSelfAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states, layout, slopes):
-        qkv = self.Wqkv(hidden_states).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
+    def forward(self, hidden_states, layout, slopes, gemm_input=None):
+        # gemm_input: hidden_states in the autocast dtype (the LayerNorm's copy), or None
+        x = gemm_input if gemm_input is not None and _takes_copy(self.Wqkv) else hidden_states
+        qkv = self.Wqkv(x).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
         attend = ATTENTION_FUNCTIONS[layout.attention][0]
         context, probs = attend(qkv, layout.sequences, slopes, self.dropout_p if self.training else 0.0)
         return context.reshape(context.shape[0], -1), probs  # (t, hidden), (b, h, s, s) or None
@@ -701,8 +714,8 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states, residual):
-        return self.LayerNorm(self.dense(hidden_states), residual, dropout_p=self.dropout.p)
+    def forward(self, hidden_states, residual, with_copy=False):
+        return self.LayerNorm(self.dense(hidden_states), residual, dropout_p=self.dropout.p, with_copy=with_copy)
 
 
 class BertUnpadAttention(nn.Module):
@@ -711,12 +724,18 @@ class BertUnpadAttention(nn.Module):
         self.self = BertUnpadSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, layout, slopes, subset_idx=None):
-        context, probs = self.self(hidden_states, layout, slopes)
+    def forward(self, hidden_states, layout, slopes, subset_idx=None, gemm_input=None, with_copy=False):
+        context, probs = self.self(hidden_states, layout, slopes, gemm_input)
         if subset_idx is not None:  # only these rows are needed after attention (sparse MLM, last layer)
             context = index_first_axis(context, subset_idx)
             hidden_states = index_first_axis(hidden_states, subset_idx)
-        return self.output(context, hidden_states), probs
+        return self.output(context, hidden_states, with_copy=with_copy), probs
+
+
+def _takes_copy(linear):
+    """A plain nn.Linear without hooks, which may read the LayerNorm's autocast-dtype copy of its input (what autocast
+    would cast the input to) instead of the input: a replaced or hooked module sees the input as it is."""
+    return type(linear) is nn.Linear and not _has_forward_hooks(linear)
 
 
 def _has_forward_hooks(module):
@@ -740,16 +759,17 @@ class BertGatedLinearUnitMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layernorm = layer_norm(config)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, gemm_input=None, with_copy=False):
         # (t, hidden) -> (t, intermediate). A plain bias-free Linear is handed over as its weight, so inference can
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
-        # a forward hook) runs as itself.
+        # a forward hook) runs as itself. gemm_input: hidden_states in the autocast dtype, or None.
         gated = self.gated_layers
-        if type(gated) is nn.Linear and gated.bias is None and not _has_forward_hooks(gated):
-            glu = gated_linear_gelu(hidden_states, gated.weight, dropout_p=self.dropout.p, training=self.training)
+        if _takes_copy(gated) and gated.bias is None:
+            x = hidden_states if gemm_input is None else gemm_input
+            glu = gated_linear_gelu(x, gated.weight, dropout_p=self.dropout.p, training=self.training)
         else:
             glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)
-        return self.layernorm(self.wo(glu), hidden_states)
+        return self.layernorm(self.wo(glu), hidden_states, with_copy=with_copy)
 
 
 class BertLayer(GradientCheckpointingLayer):
@@ -758,9 +778,18 @@ class BertLayer(GradientCheckpointingLayer):
         self.attention = BertUnpadAttention(config)
         self.mlp = BertGatedLinearUnitMLP(config)
 
-    def forward(self, hidden_states, layout, slopes, subset_idx=None):
-        hidden_states, probs = self.attention(hidden_states, layout, slopes, subset_idx)
-        return self.mlp(hidden_states), probs
+    def forward(self, hidden_states, layout, slopes, subset_idx=None, gemm_input=None, with_copy=False):
+        """-> (hidden states, their autocast-dtype copy or None, attention probabilities or None).
+
+        gemm_input: hidden_states in the autocast dtype (the previous LayerNorm's copy), or None; with_copy: return
+        this layer's output's copy too (`BertLayerNorm`), for the next layer.
+        """
+        mid_copy = _takes_copy(self.mlp.gated_layers)
+        out, probs = self.attention(hidden_states, layout, slopes, subset_idx, gemm_input, with_copy=mid_copy)
+        hidden_states, copy = out if mid_copy else (out, None)
+        out = self.mlp(hidden_states, copy, with_copy=with_copy)
+        hidden_states, copy = out if with_copy else (out, None)
+        return hidden_states, copy, probs
 
 
 class BertEncoder(nn.Module):
@@ -795,11 +824,16 @@ class BertEncoder(nn.Module):
             hidden = keep(hidden)
         # On CPU the GLU's GEMM output goes to one buffer reused by every layer (no fresh pages to fault in)
         reuse = hidden.device.type == "cpu" and not tracing()
+        # Each layer's output LayerNorm also writes the autocast-dtype copy the next layer's Wqkv reads (under
+        # autocast with fp32 LayerNorm outputs); not when hidden states are returned, whose gradients must carry
+        # all of the next layer's.
+        copy = None
         with reuse_cpu_gemm_output() if reuse else contextlib.nullcontext():
             for i, layer in enumerate(self.layer):
                 last = i == len(self.layer) - 1
                 rows = subset_idx if last and not output_hidden_states else None
-                hidden, probs = layer(hidden, layout, slopes, rows)
+                with_copy = not (last or output_hidden_states) and _takes_copy(self.layer[i + 1].attention.self.Wqkv)
+                hidden, copy, probs = layer(hidden, layout, slopes, rows, copy, with_copy=with_copy)
                 if output_hidden_states:
                     hidden = keep(hidden)
                 if output_attentions:

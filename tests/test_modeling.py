@@ -617,3 +617,61 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert seen[-1] == {}
     torch.testing.assert_close(out.detach(), fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("forced_kernels", [False, True])
+def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kernels):
+    # Under autocast with fp32 LayerNorm outputs, each LayerNorm whose output a plain Linear reads next also writes
+    # the autocast-dtype copy (one pass) and that Linear reads it: loss and every gradient as with autocast casting
+    # the fp32 output itself, and the same fp32 hidden states. Kernels forced on CPU through triton's interpreter
+    # (fp16: the interpreter rounds fp32 -> bf16 toward zero); with output_hidden_states no copies are made.
+    model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=3).train()
+    mb = package_module(model)
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    if forced_kernels:
+        if not (ops.HAS_TRITON and ops._INTERPRET):
+            pytest.skip("forcing the kernels on CPU needs triton's interpreter")
+        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+    real_layer_norm = mb.add_dropout_layer_norm
+    copies = []
+
+    def recording(*args, copy_dtype=None, **kwargs):
+        copies.append(copy_dtype)
+        return real_layer_norm(*args, copy_dtype=copy_dtype, **kwargs)
+
+    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    ids, mask = ragged_batch([9, 4, 7])
+    labels = torch.where(mask.bool(), ids, -100)
+
+    def step(**kwargs):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with_copies, grads = step()
+    # 3 layers: both LayerNorms of layers 1-2 and the attention one of layer 3 make a copy; not the embeddings'
+    # (its output goes through dropout first), the last layer's or the MLM head's
+    half = torch.float16
+    assert copies == [None, half, half, half, half, half, None, None]
+    copies.clear()
+    hidden_run, _ = step(output_hidden_states=True)
+    assert copies == [None, half, None, half, None, half, None, None]
+    for reentrant in (True, False):  # the copy is a layer input like the hidden states: recomputed, not lost
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        checkpointed, checkpointed_grads = step()
+        model.gradient_checkpointing_disable()
+        torch.testing.assert_close(checkpointed.loss, with_copies.loss, rtol=0, atol=0)
+        for name in grads:
+            torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    monkeypatch.setattr(mb, "_takes_copy", lambda linear: False)
+    copies.clear()
+    cast, cast_grads = step()
+    assert all(c is None for c in copies)
+    torch.testing.assert_close(with_copies.loss, cast.loss, rtol=0, atol=0)
+    torch.testing.assert_close(hidden_run.loss, cast.loss, rtol=0, atol=0)
+    assert grads.keys() == cast_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], cast_grads[name], rtol=1e-6, atol=1e-7, msg=name)
