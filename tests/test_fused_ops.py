@@ -488,14 +488,16 @@ def test_without_autograd_the_kernels_launch_directly_with_the_same_result():
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
-def test_compile_fullgraph_no_graph_breaks(use_triton):
+@pytest.mark.parametrize("with_copy", [False, True])
+def test_compile_fullgraph_no_graph_breaks(use_triton, with_copy):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     def block(h, residual, w_in, w_out, weight, bias):
-        # (t, hidden) -> GLU MLP -> residual add + dropout + LayerNorm
+        # (t, hidden) -> GLU MLP -> residual add + dropout + LayerNorm (and its fp16 copy, both used)
         inner = gated_gelu(h @ w_in, use_triton=use_triton)
-        return add_dropout_layer_norm(inner @ w_out, residual, weight, bias, 1e-5, dropout_p=0.1, training=True,
-                                      use_triton=use_triton)
+        out = add_dropout_layer_norm(inner @ w_out, residual, weight, bias, 1e-5, dropout_p=0.1, training=True,
+                                     use_triton=use_triton, copy_dtype=torch.float16 if with_copy else None)
+        return out[0] + 2 * out[1].float() if with_copy else out
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
