@@ -784,7 +784,11 @@ class BertLayer(GradientCheckpointingLayer):
         gemm_input: hidden_states in the autocast dtype (the previous LayerNorm's copy), or None; with_copy: return
         this layer's output's copy too (`BertLayerNorm`), for the next layer.
         """
-        mid_copy = _takes_copy(self.mlp.gated_layers)
+        # A module whose output gets a copy returns a pair: with a forward hook on it, it returns its output alone,
+        # as the hook expects
+        attention = (self.attention, self.attention.output, self.attention.output.LayerNorm)
+        mid_copy = _takes_copy(self.mlp.gated_layers) and not any(_has_forward_hooks(m) for m in attention)
+        with_copy = with_copy and not any(_has_forward_hooks(m) for m in (self.mlp, self.mlp.layernorm))
         out, probs = self.attention(hidden_states, layout, slopes, subset_idx, gemm_input, with_copy=mid_copy)
         hidden_states, copy = out if mid_copy else (out, None)
         out = self.mlp(hidden_states, copy, with_copy=with_copy)

@@ -659,6 +659,20 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
     copies.clear()
     hidden_run, _ = step(output_hidden_states=True)
     assert copies == [None, half, None, half, None, half, None, None]
+    # a forward hook on a module whose output would get a copy sees that output alone, and that copy is not made
+    seen = []
+    layer = model.bert.encoder.layer[0]
+    hooked = (layer.attention, layer.attention.output, layer.attention.output.LayerNorm, layer.mlp,
+              layer.mlp.layernorm)
+    handles = [m.register_forward_hook(lambda m, args, out: seen.append(type(out))) for m in hooked]
+    copies.clear()
+    hooked_run, hooked_grads = step()
+    for handle in handles:
+        handle.remove()
+    # in the order the modules finish: LayerNorm, attention output, attention ((output, probs)), LayerNorm, MLP
+    assert seen == [torch.Tensor, torch.Tensor, tuple, torch.Tensor, torch.Tensor]
+    assert copies == [None, None, None, half, half, half, None, None]
+    torch.testing.assert_close(hooked_run.loss, with_copies.loss, rtol=0, atol=0)
     for reentrant in (True, False):  # the copy is a layer input like the hidden states: recomputed, not lost
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         checkpointed, checkpointed_grads = step()
