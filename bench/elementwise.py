@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gated_gemm import gpu_us  # noqa: E402  (CUDA-graph timing shared with the gated GEMM benchmark)
+
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTER = 768, 3072
 
@@ -35,27 +38,6 @@ def load_fused_ops(repo, index):
         if saved is not None:
             sys.modules["triton_launch"] = saved
     return module
-
-
-def gpu_us(fn, calls=20):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    return best
 
 
 def cases(ops, rows, p):

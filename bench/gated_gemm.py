@@ -165,5 +165,6 @@ def tma_sweep(rows_list, w, dtype):
                     cells.append(f"failed: {type(e).__name__}")
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()
