@@ -182,6 +182,7 @@ if HAS_TRITON:
     @triton.jit
     def _add_dropout_layer_norm_fwd_kernel(
         X,  # (t, n); row stride stride_xt, columns contiguous
+        XBias,  # (n,) contiguous, added to X before dropout; unused without HAS_XBIAS
         Residual,  # (t, n) like X; unused without HAS_RESIDUAL
         W, B,  # (n,) contiguous
         Out,  # (t, n) contiguous, out dtype
@@ -191,13 +192,15 @@ if HAS_TRITON:
         stride_xt, stride_rt, stride_ot,
         n_cols, eps, dropout_p, dropout_scale,
         HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_STATS: tl.constexpr, HAS_COPY: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        HAS_XBIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Grid: (t,). One row per program, whole row in registers (BLOCK_N >= n).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols
         z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_XBIAS:
+            z += tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             # The backward regenerates this mask from the seed and the row; nothing is stored.
             keep = _dropout_keep(tl.load(Seed), row * n_cols, 0, dropout_p, BLOCK_N)
@@ -221,24 +224,30 @@ if HAS_TRITON:
     def _add_dropout_layer_norm_bwd_kernel(
         DOut,  # (t, n); row stride stride_gt, columns contiguous
         DCopy,  # (t, n); row stride stride_ct, the copy's gradient, added to DOut's; unused without HAS_DCOPY
-        X, Residual,  # (t, n) as in the forward
+        X, XBias, Residual,  # as in the forward
         W,  # (n,)
         Mean, Rstd,  # (t,) fp32 from the forward
         Seed,  # (1,) int64, the forward's seed
         DX, DResidual,  # (t, n) contiguous, in x's / residual's dtype
         DWPartial, DBPartial,  # (programs, n) fp32: one row of partial sums per program
+        DXBPartial,  # (programs, n) fp32, partial sums of d_x for XBias's gradient; unused without HAS_XBIAS
         stride_gt, stride_ct, stride_xt, stride_rt, stride_dxt, stride_drt,
         n_rows, n_cols, rows_per_program, dropout_p, dropout_scale,
-        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DCOPY: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DCOPY: tl.constexpr, HAS_XBIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        # Grid: (programs,). Each program walks a contiguous run of rows and keeps its share of d_weight and
-        # d_bias in fp32 registers; the host sums the (programs, n) partials (deterministic, no atomics).
+        # Grid: (programs,). Each program walks a contiguous run of rows and keeps its share of d_weight, d_bias
+        # (and d_xbias) in fp32 registers; the host sums the (programs, n) partials (deterministic, no atomics).
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        dxb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        xbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if HAS_XBIAS:
+            xbias = tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
         seed = 0
         if HAS_DROPOUT:
             seed = tl.load(Seed)
@@ -249,6 +258,8 @@ if HAS_TRITON:
             # int64 as in the forward, so the Philox offsets below are bit-identical to the forward's
             row = tl.cast(r, tl.int64)
             z = tl.load(X + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_XBIAS:
+                z += xbias
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, row * n_cols, 0, dropout_p, BLOCK_N)
                 z = tl.where(keep, z * dropout_scale, 0.0)
@@ -270,9 +281,13 @@ if HAS_TRITON:
                 tl.store(DResidual + row * stride_drt + cols, dz.to(DResidual.dtype.element_ty), mask=mask)
             if HAS_DROPOUT:
                 dz = tl.where(keep, dz * dropout_scale, 0.0)
+            if HAS_XBIAS:
+                dxb += dz
             tl.store(DX + row * stride_dxt + cols, dz.to(DX.dtype.element_ty), mask=mask)
         tl.store(DWPartial + pid * n_cols + cols, dw, mask=mask)
         tl.store(DBPartial + pid * n_cols + cols, db, mask=mask)
+        if HAS_XBIAS:
+            tl.store(DXBPartial + pid * n_cols + cols, dxb, mask=mask)
 
     @triton.jit
     def _gated_linear_gelu_kernel(
@@ -522,11 +537,12 @@ def _dropout_scale(dropout_p):
 
 
 def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, store_stats=True,
-                                    copy=None):
-    """x, residual: (..., n); weight, bias: (n,); seed: (1,) int64 on x's device, or None when dropout_p == 0.
-    Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x) + residual, or None, None with
-    store_stats=False (a forward no backward will follow: two allocations and stores fewer). `copy`, a contiguous
-    tensor of x's shape, also receives out cast to its dtype (written in the same pass)."""
+                                    copy=None, x_bias=None):
+    """x, residual: (..., n); weight, bias, x_bias: (n,); seed: (1,) int64 on x's device, or None when
+    dropout_p == 0. Returns out (..., n) in out_dtype, and mean, rstd (...,) fp32 of dropout(x + x_bias) +
+    residual, or None, None with store_stats=False (a forward no backward will follow: two allocations and stores
+    fewer). `copy`, a contiguous tensor of x's shape, also receives out cast to its dtype (written in the same
+    pass)."""
     _require_triton()
     n_cols = x.shape[-1]
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -543,12 +559,13 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
     with device_context(x):
         launch(
             _add_dropout_layer_norm_fwd_kernel, (x2.shape[0], 1, 1),
-            (x2, r2, weight.contiguous(), bias.contiguous(), out2, out2 if copy is None else copy.view(-1, n_cols),
+            (x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), out2,
+             out2 if copy is None else copy.view(-1, n_cols),
              x2 if mean is None else mean, x2 if rstd is None else rstd, seed if has_dropout else x2,
              x2.stride(0), r2.stride(0), out2.stride(0),
              n_cols, float(eps), float(dropout_p), _dropout_scale(dropout_p)),
             x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout, STORE_STATS=store_stats,
-            HAS_COPY=copy is not None, BLOCK_N=block, num_warps=num_warps,
+            HAS_COPY=copy is not None, HAS_XBIAS=x_bias is not None, BLOCK_N=block, num_warps=num_warps,
         )
     return out, mean, rstd
 
@@ -568,10 +585,12 @@ def _layer_norm_bwd_programs(n_rows, device):
     return max(1, min(n_rows, programs))
 
 
-def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=None):
+def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=None,
+                                     x_bias=None):
     """Shapes as in the forward; grad_out: (..., n); grad_copy: the gradient of the forward's copy, or None. Returns
-    d_x (x's dtype), d_residual (residual's dtype; an empty tensor when residual is None), d_weight, d_bias (their
-    parameters' dtypes, reduced in fp32), for the sum of the two output gradients."""
+    d_x (x's dtype), d_residual (residual's dtype; an empty tensor when residual is None), d_weight, d_bias, d_x_bias
+    (their parameters' dtypes, reduced in fp32; d_x_bias an empty tensor when x_bias is None), for the sum of the
+    two output gradients."""
     _require_triton()
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -581,7 +600,8 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
         dres = torch.empty((0,), dtype=x.dtype, device=x.device)
     n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0:
-        return dx, dres, torch.zeros_like(weight), torch.zeros_like(bias)
+        dxb = torch.zeros_like(x_bias) if x_bias is not None else x.new_empty((0,))
+        return dx, dres, torch.zeros_like(weight), torch.zeros_like(bias), dxb
     x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, n_cols)
     c2 = _rows(grad_copy) if grad_copy is not None else g2
     r2 = _rows(residual) if residual is not None else x2
@@ -590,18 +610,21 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     programs = _layer_norm_bwd_programs(n_rows, x.device)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    dxb_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if x_bias is not None else None
     block, num_warps = _layer_norm_launch_config(n_cols)
     with device_context(x):
         launch(
             _add_dropout_layer_norm_bwd_kernel, (programs, 1, 1),
-            (g2, c2, x2, r2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), seed if has_dropout else x2,
-             dx2, dr2, dw_partial, db_partial,
+            (g2, c2, x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), mean.reshape(-1),
+             rstd.reshape(-1), seed if has_dropout else x2, dx2, dr2, dw_partial, db_partial,
+             db_partial if dxb_partial is None else dxb_partial,
              g2.stride(0), c2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
              n_rows, n_cols, cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p)),
             x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
-            HAS_DCOPY=grad_copy is not None, BLOCK_N=block, num_warps=num_warps,
+            HAS_DCOPY=grad_copy is not None, HAS_XBIAS=x_bias is not None, BLOCK_N=block, num_warps=num_warps,
         )
-    return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype)
+    dxb = dxb_partial.sum(0).to(x_bias.dtype) if x_bias is not None else x.new_empty((0,))
+    return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype), dxb
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -650,6 +673,7 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
     @torch.library.custom_op("mosaic_bert::add_dropout_layer_norm_fwd", mutates_args=())
     def _add_dropout_layer_norm_fwd_op(
         x: torch.Tensor,
+        x_bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor],
         weight: torch.Tensor,
         bias: torch.Tensor,
@@ -662,12 +686,13 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         # (out, copy, mean, rstd); copy is out in copy_dtype, or an empty tensor when copy_dtype is None
         copy = x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or out_dtype)
         out, mean, rstd = _add_dropout_layer_norm_forward(
-            x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy=copy if copy_dtype is not None else None
+            x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy=copy if copy_dtype is not None else None,
+            x_bias=x_bias,
         )
         return out, copy, mean, rstd
 
     @_add_dropout_layer_norm_fwd_op.register_fake
-    def _(x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
+    def _(x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
         stats_shape = x.shape[:-1]
         return (
             x.new_empty(x.shape, dtype=out_dtype),
@@ -681,6 +706,7 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         grad_out: torch.Tensor,
         grad_copy: Optional[torch.Tensor],
         x: torch.Tensor,
+        x_bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor],
         weight: torch.Tensor,
         bias: torch.Tensor,
@@ -688,32 +714,37 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         rstd: torch.Tensor,
         seed: Optional[torch.Tensor],
         dropout_p: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _add_dropout_layer_norm_backward(
-            grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy
+            grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy, x_bias=x_bias
         )
 
     @_add_dropout_layer_norm_bwd_op.register_fake
-    def _(grad_out, grad_copy, x, residual, weight, bias, mean, rstd, seed, dropout_p):
+    def _(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed, dropout_p):
         dres = torch.empty_like(residual) if residual is not None else x.new_empty((0,))
-        return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(bias)
+        dxb = torch.empty_like(x_bias) if x_bias is not None else x.new_empty((0,))
+        return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(bias), dxb
 
     def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
-        x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
+        x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
         _, _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+        ctx.save_for_backward(x, x_bias, residual, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
         ctx.has_residual = residual is not None
+        ctx.has_x_bias = x_bias is not None
         ctx.has_copy = copy_dtype is not None
 
     def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
-        x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        dx, dres, dw, db = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
-            grad_out, grad_copy if ctx.has_copy else None, x, residual, weight, bias, mean, rstd, seed,
+        x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+        dx, dres, dw, db, dxb = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
+            grad_out, grad_copy if ctx.has_copy else None, x, x_bias, residual, weight, bias, mean, rstd, seed,
             ctx.dropout_p,
         )
-        return dx, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
+        return (
+            dx, dxb if ctx.has_x_bias else None, dres if ctx.has_residual else None, dw, db,
+            None, None, None, None, None,
+        )
 
     _add_dropout_layer_norm_fwd_op.register_autograd(
         _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context
@@ -868,8 +899,8 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
 
 
 def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,
-                           use_triton=None, copy_dtype=None):
-    """LayerNorm(dropout(x) + residual) over the last dimension, in one pass forward and one backward.
+                           use_triton=None, copy_dtype=None, x_bias=None):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dimension, in one pass forward and one backward.
 
     Args:
         x (`torch.Tensor` of shape `(..., hidden)`): e.g. a sublayer's output; fp16/bf16/fp32.
@@ -888,6 +919,9 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
         copy_dtype (`torch.dtype`, *optional*): also return the output cast to this dtype, written by the same pass
             (e.g. the autocast dtype for the next GEMM's input, where the output itself stays fp32); in the
             backward the two outputs' gradients are summed inside the kernel.
+        x_bias (`torch.Tensor` of shape `(hidden,)`, *optional*): added to x before dropout: the bias of the Linear
+            that produced x, which then runs without it, so that the backward reduces the bias gradient in the
+            kernel's pass instead of a separate one.
 
     Returns:
         `torch.Tensor` of x's shape in out_dtype, or the pair (output, copy) with copy_dtype. Sum and statistics
@@ -903,6 +937,8 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
         raise ValueError(
             f"weight and bias must have shape ({hidden},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
+    if x_bias is not None and x_bias.shape != (hidden,):
+        raise ValueError(f"x_bias must have shape ({hidden},), got {tuple(x_bias.shape)}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if out_dtype is None:
@@ -914,22 +950,25 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     supported = (
         x.dtype in _SUPPORTED_DTYPES and weight.dtype in _SUPPORTED_DTYPES and bias.dtype in _SUPPORTED_DTYPES
         and out_dtype in _SUPPORTED_DTYPES and (residual is None or residual.dtype in _SUPPORTED_DTYPES)
-        and 0 < hidden * 4 <= _MAX_ROW_BYTES
+        and (x_bias is None or x_bias.dtype in _SUPPORTED_DTYPES) and 0 < hidden * 4 <= _MAX_ROW_BYTES
     )
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
-        if _through_op(x, residual, weight, bias):
+        if _through_op(x, x_bias, residual, weight, bias):
             out, copy, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
-                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, copy_dtype
+                x, x_bias, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, copy_dtype
             )
         else:
             copy = None if copy_dtype is None else torch.empty(x.shape, dtype=copy_dtype, device=x.device)
             out, _, _ = _add_dropout_layer_norm_forward(
-                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, store_stats=False, copy=copy
+                x, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, store_stats=False, copy=copy,
+                x_bias=x_bias,
             )
         return out if copy_dtype is None else (out, copy)
     # reference path: the same computation in fp32 PyTorch ops, which inductor fuses on its own
     z = x.float()
+    if x_bias is not None:
+        z = z + x_bias.float()
     if dropout_p > 0.0:
         z = F.dropout(z, dropout_p, training=True)
     if residual is not None:

@@ -45,7 +45,13 @@ from .bert_padding import (
 )
 from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, PackedSelfAttention
-from .fused_ops import add_dropout_layer_norm, gated_gelu, gated_linear_gelu, reuse_cpu_gemm_output
+from .fused_ops import (
+    add_dropout_layer_norm,
+    fused_kernels_available,
+    gated_gelu,
+    gated_linear_gelu,
+    reuse_cpu_gemm_output,
+)
 
 # Not used here: transformers 4.x copies only the modeling file's own relative imports of a local model folder into
 # its module cache, and fused_ops.py and flash_attn_triton.py import this one.
@@ -632,8 +638,8 @@ class BertLayerNorm(nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         self.low_precision = low_precision
 
-    def forward(self, x, residual=None, dropout_p=0.0, with_copy=False):
-        """LayerNorm(dropout(x) + residual); dropout only in training.
+    def forward(self, x, residual=None, dropout_p=0.0, with_copy=False, x_bias=None):
+        """LayerNorm(dropout(x + x_bias) + residual); dropout only in training. x_bias: see `linear_layer_norm`.
 
         With `with_copy`, returns (output, copy): under autocast with an fp32 output and a 16-bit autocast dtype,
         copy is the output in that dtype, written by the same kernel pass, for a Linear to read instead of casting
@@ -648,7 +654,7 @@ class BertLayerNorm(nn.LayerNorm):
                 copy_dtype = autocast_dtype
         out = add_dropout_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p, training=self.training,
-            out_dtype=out_dtype, copy_dtype=copy_dtype,
+            out_dtype=out_dtype, copy_dtype=copy_dtype, x_bias=x_bias,
         )
         if not with_copy:
             return out
@@ -700,7 +706,7 @@ class BertUnpadSelfAttention(nn.Module):
 
     def forward(self, hidden_states, layout, slopes, gemm_input=None):
         # gemm_input: hidden_states in the autocast dtype (the LayerNorm's copy), or None
-        x = gemm_input if gemm_input is not None and _takes_copy(self.Wqkv) else hidden_states
+        x = gemm_input if gemm_input is not None and _plain_linear(self.Wqkv) else hidden_states
         qkv = self.Wqkv(x).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
         attend = ATTENTION_FUNCTIONS[layout.attention][0]
         context, probs = attend(qkv, layout.sequences, slopes, self.dropout_p if self.training else 0.0)
@@ -715,7 +721,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual, with_copy=False):
-        return self.LayerNorm(self.dense(hidden_states), residual, dropout_p=self.dropout.p, with_copy=with_copy)
+        return linear_layer_norm(self.dense, hidden_states, self.LayerNorm, residual, self.dropout.p, with_copy)
 
 
 class BertUnpadAttention(nn.Module):
@@ -732,10 +738,25 @@ class BertUnpadAttention(nn.Module):
         return self.output(context, hidden_states, with_copy=with_copy), probs
 
 
-def _takes_copy(linear):
-    """A plain nn.Linear without hooks, which may read the LayerNorm's autocast-dtype copy of its input (what autocast
-    would cast the input to) instead of the input: a replaced or hooked module sees the input as it is."""
+def _plain_linear(linear):
+    """A plain nn.Linear without hooks, which the encoder may run as its parts: reading the LayerNorm's
+    autocast-dtype copy of its input (what autocast would cast the input to) instead of the input, or leaving its
+    bias to the LayerNorm after it. A replaced or hooked module runs as itself, on the input as it is."""
     return type(linear) is nn.Linear and not _has_forward_hooks(linear)
+
+
+def linear_layer_norm(linear, x, layer_norm, residual, dropout_p, with_copy=False):
+    """layer_norm(dropout(linear(x)) + residual). In training with the fused kernels, a plain Linear's bias is
+    added by the LayerNorm kernel instead of the GEMM, so that its gradient is summed in the LayerNorm backward's
+    pass rather than by a reduction kernel of its own (not with hooks on either module: they see what they would
+    see unfused)."""
+    bias = linear.bias
+    if (
+        bias is not None and bias.requires_grad and torch.is_grad_enabled() and _plain_linear(linear)
+        and not _has_forward_hooks(layer_norm) and fused_kernels_available(x)
+    ):
+        return layer_norm(F.linear(x, linear.weight), residual, dropout_p, with_copy, x_bias=bias)
+    return layer_norm(linear(x), residual, dropout_p, with_copy)
 
 
 def _has_forward_hooks(module):
@@ -764,12 +785,12 @@ class BertGatedLinearUnitMLP(nn.Module):
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
         # a forward hook) runs as itself. gemm_input: hidden_states in the autocast dtype, or None.
         gated = self.gated_layers
-        if _takes_copy(gated) and gated.bias is None:
+        if _plain_linear(gated) and gated.bias is None:
             x = hidden_states if gemm_input is None else gemm_input
             glu = gated_linear_gelu(x, gated.weight, dropout_p=self.dropout.p, training=self.training)
         else:
             glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)
-        return self.layernorm(self.wo(glu), hidden_states, with_copy=with_copy)
+        return linear_layer_norm(self.wo, glu, self.layernorm, hidden_states, self.dropout.p, with_copy)
 
 
 class BertLayer(GradientCheckpointingLayer):
@@ -787,7 +808,7 @@ class BertLayer(GradientCheckpointingLayer):
         # A module whose output gets a copy returns a pair: with a forward hook on it, it returns its output alone,
         # as the hook expects
         attention = (self.attention, self.attention.output, self.attention.output.LayerNorm)
-        mid_copy = _takes_copy(self.mlp.gated_layers) and not any(_has_forward_hooks(m) for m in attention)
+        mid_copy = _plain_linear(self.mlp.gated_layers) and not any(_has_forward_hooks(m) for m in attention)
         with_copy = with_copy and not any(_has_forward_hooks(m) for m in (self.mlp, self.mlp.layernorm))
         out, probs = self.attention(hidden_states, layout, slopes, subset_idx, gemm_input, with_copy=mid_copy)
         hidden_states, copy = out if mid_copy else (out, None)
@@ -836,7 +857,7 @@ class BertEncoder(nn.Module):
             for i, layer in enumerate(self.layer):
                 last = i == len(self.layer) - 1
                 rows = subset_idx if last and not output_hidden_states else None
-                with_copy = not (last or output_hidden_states) and _takes_copy(self.layer[i + 1].attention.self.Wqkv)
+                with_copy = not (last or output_hidden_states) and _plain_linear(self.layer[i + 1].attention.self.Wqkv)
                 hidden, copy, probs = layer(hidden, layout, slopes, rows, copy, with_copy=with_copy)
                 if output_hidden_states:
                     hidden = keep(hidden)

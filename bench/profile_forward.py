@@ -79,7 +79,7 @@ def pieces(package):
             ("gated Linear + GELU", "Linear + gated GELU kernel", lambda: fused_ops.gated_gelu(F.linear(x, w_glu))),
             ("add + LayerNorm", "public function", lambda: fused_ops.add_dropout_layer_norm(x, res, w, b, 1e-12)),
             ("add + LayerNorm", "custom op", lambda: torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
-                x, res, w, b, None, 1e-12, 0.0, DTYPE, None)),
+                x, None, res, w, b, None, 1e-12, 0.0, DTYPE, None)),
             ("add + LayerNorm", "launcher", lambda: ln_fwd(x, res, w, b, None, 1e-12, 0.0, DTYPE)),
             ("add + LayerNorm", "PyTorch: layer_norm(x + r) (BERT)", lambda: F.layer_norm(x + res, (hidden,), w, b)),
             ("attention", "public function", lambda: fa.flash_attn_varlen_qkvpacked_func(

@@ -242,6 +242,8 @@ def test_layer_norm_rejects_bad_shapes():
         add_dropout_layer_norm(x, residual, weight[:8], bias, 1e-5)
     with pytest.raises(ValueError, match="dropout_p"):
         add_dropout_layer_norm(x, residual, weight, bias, 1e-5, dropout_p=1.5, training=True)
+    with pytest.raises(ValueError, match=r"x_bias must have shape \(16,\), got \(8,\)"):
+        add_dropout_layer_norm(x, residual, weight, bias, 1e-5, x_bias=bias[:8])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -341,6 +343,36 @@ def test_layer_norm_copy_is_the_cast_output_and_both_gradients_count(use_triton,
         ref_grads = grads(ref, ref_inputs, g_out.double() + g_copy.double())
         for name, g, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), got, ref_grads):
             assert_close(g, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_layer_norm_x_bias_is_added_before_dropout_and_gets_its_gradient(use_triton, dtype, dropout_p):
+    # x_bias, a Linear's bias left to the LayerNorm: LayerNorm(dropout(x + x_bias) + residual), and d_x_bias the
+    # row sum of d_(x + x_bias), against float64 with the mask the backward used (recovered from d_x). More rows than
+    # the interpreter's 4 backward programs, so the partial sums are reduced across programs.
+    rows, hidden = 23, 40
+    x, residual, weight, bias = ln_inputs(rows, hidden, dtype, residual_dtype=torch.float32)
+    inputs = leaves(x, residual, weight, bias, rand(hidden, seed=30))
+    torch.manual_seed(4)
+    out = add_dropout_layer_norm(*inputs[:4], 1e-5, dropout_p=dropout_p, training=True, use_triton=use_triton,
+                                 x_bias=inputs[4])
+    assert out.dtype == torch.float32
+    grad_out = rand(rows, hidden, seed=31)
+    got = grads(out, inputs, grad_out)
+    keep = None
+    if dropout_p:
+        keep = got[0] != 0
+        assert 0 < keep.sum() < keep.numel()
+    ref_inputs = leaves(*(t.double() for t in inputs))
+    x64, res64, w64, b64, xb64 = ref_inputs
+    ref = layer_norm_reference(x64 + xb64, res64, w64, b64, 1e-5, keep=keep, dropout_p=dropout_p)
+    expected = grads(ref, ref_inputs, grad_out.double())
+    assert_close(out, ref, dtype, "out")
+    for name, t, g, e in zip(("d_x", "d_residual", "d_weight", "d_bias", "d_x_bias"), inputs, got, expected):
+        assert g.dtype == t.dtype, name
+        assert_close(g, e, dtype if name == "d_x" else torch.float32, name)
 
 
 def test_layer_norm_copy_dtype_must_be_supported():

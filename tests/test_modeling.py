@@ -620,6 +620,61 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
 
 
 @pytest.mark.parametrize("forced_kernels", [False, True])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
+def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_kernels, autocast):
+    # In training with the fused kernels available, the attention output's and the MLP's output Linear run without
+    # their bias and the LayerNorm after each adds it (and sums its gradient in its own backward): loss and every
+    # gradient as with the Linears adding their biases. Not in inference, and not with a hook on either module.
+    model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=2).train()
+    mb = package_module(model)
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    if not (ops.HAS_TRITON and ops._INTERPRET):
+        pytest.skip("the hand-over needs the fused kernels available: triton's interpreter on CPU")
+    if forced_kernels:
+        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+    real_layer_norm = mb.add_dropout_layer_norm
+    handed = []
+
+    def recording(*args, x_bias=None, **kwargs):
+        handed.append(x_bias)
+        return real_layer_norm(*args, x_bias=x_bias, **kwargs)
+
+    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    ids, mask = ragged_batch([9, 4, 7])
+    labels = torch.where(mask.bool(), ids, -100)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        handed.clear()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    layers = model.bert.encoder.layer
+    expected = [None] + [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)] + [None]
+    assert [id(b) for b in handed] == [id(b) for b in expected]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert handed[-len(expected):] == [None] * len(expected)
+    handle = layers[0].mlp.layernorm.register_forward_hook(lambda *args: None)
+    step()
+    handle.remove()
+    assert [id(b) for b in handed] == [id(b) for b in expected[:2]] + [id(None)] + [id(b) for b in expected[3:]]
+    monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
+    plain_loss, plain_grads = step()
+    assert all(b is None for b in handed)
+    # under fp16 autocast the Linear adds its bias in fp16, the LayerNorm in fp32: a rounding apart
+    tol = dict(rtol=2e-3, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, plain_loss, **tol)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("forced_kernels", [False, True])
 def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kernels):
     # Under autocast with fp32 LayerNorm outputs, each LayerNorm whose output a plain Linear reads next also writes
     # the autocast-dtype copy (one pass) and that Linear reads it: loss and every gradient as with autocast casting
@@ -632,6 +687,8 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
         if not (ops.HAS_TRITON and ops._INTERPRET):
             pytest.skip("forcing the kernels on CPU needs triton's interpreter")
         monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+    # the Linears keep their biases (test_training_leaves_linear_biases_to_the_layer_norm covers handing them over)
+    monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
     real_layer_norm = mb.add_dropout_layer_norm
     copies = []
 
@@ -680,7 +737,7 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
         torch.testing.assert_close(checkpointed.loss, with_copies.loss, rtol=0, atol=0)
         for name in grads:
             torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
-    monkeypatch.setattr(mb, "_takes_copy", lambda linear: False)
+    monkeypatch.setattr(mb, "_plain_linear", lambda linear: False)
     copies.clear()
     cast, cast_grads = step()
     assert all(c is None for c in copies)
