@@ -654,7 +654,8 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
 
     loss, grads = step()
     layers = model.bert.encoder.layer
-    expected = [None] + [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)] + [None]
+    biases = [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)]
+    expected = [None, *biases, None]  # embeddings and MLM head LayerNorms: no Linear before them
     assert [id(b) for b in handed] == [id(b) for b in expected]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
