@@ -624,7 +624,8 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
 def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_kernels, autocast):
     # In training with the fused kernels available, the attention output's and the MLP's output Linear run without
     # their bias and the LayerNorm after each adds it (and sums its gradient in its own backward): loss and every
-    # gradient as with the Linears adding their biases. Not in inference, and not with a hook on either module.
+    # gradient as with the Linears adding their biases, also with reentrant checkpointing (its forward runs without
+    # grad, its recompute with). Not in eval mode, and not with a hook on either module.
     model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=2).train()
     mb = package_module(model)
     ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
@@ -657,13 +658,22 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
     biases = [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)]
     expected = [None, *biases, None]  # embeddings and MLM head LayerNorms: no Linear before them
     assert [id(b) for b in handed] == [id(b) for b in expected]
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
+    model.eval()  # inference: the Linears add their biases (free in the GEMM)
+    model(input_ids=ids, attention_mask=mask)
+    model.train()
     assert handed[-len(expected):] == [None] * len(expected)
     handle = layers[0].mlp.layernorm.register_forward_hook(lambda *args: None)
     step()
     handle.remove()
     assert [id(b) for b in handed] == [id(b) for b in expected[:2]] + [id(None)] + [id(b) for b in expected[3:]]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed_loss, checkpointed_grads = step()
+    model.gradient_checkpointing_disable()
+    # every bias handed over twice: in the checkpoint's no-grad forward and in its recompute
+    assert sorted(id(b) for b in handed if b is not None) == sorted(id(b) for b in biases * 2)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
     plain_loss, plain_grads = step()
     assert all(b is None for b in handed)
