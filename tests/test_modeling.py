@@ -619,6 +619,20 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
     torch.testing.assert_close(out.detach(), fresh, rtol=0, atol=0)
 
 
+def record_layer_norm_argument(monkeypatch, mb, name):
+    """Wraps the modeling module's `add_dropout_layer_norm`: the returned list gets keyword `name` of every call
+    (None when not passed), in call order."""
+    real = mb.add_dropout_layer_norm
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get(name))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    return seen
+
+
 @pytest.mark.parametrize("forced_kernels", [False, True])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
 def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_kernels, autocast):
@@ -633,14 +647,7 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
         pytest.skip("the hand-over needs the fused kernels available: triton's interpreter on CPU")
     if forced_kernels:
         monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
-    real_layer_norm = mb.add_dropout_layer_norm
-    handed = []
-
-    def recording(*args, x_bias=None, **kwargs):
-        handed.append(x_bias)
-        return real_layer_norm(*args, x_bias=x_bias, **kwargs)
-
-    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    handed = record_layer_norm_argument(monkeypatch, mb, "x_bias")
     ids, mask = ragged_batch([9, 4, 7])
     labels = torch.where(mask.bool(), ids, -100)
 
@@ -700,14 +707,7 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
         monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
     # the Linears keep their biases (test_training_leaves_linear_biases_to_the_layer_norm covers handing them over)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
-    real_layer_norm = mb.add_dropout_layer_norm
-    copies = []
-
-    def recording(*args, copy_dtype=None, **kwargs):
-        copies.append(copy_dtype)
-        return real_layer_norm(*args, copy_dtype=copy_dtype, **kwargs)
-
-    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    copies = record_layer_norm_argument(monkeypatch, mb, "copy_dtype")
     ids, mask = ragged_batch([9, 4, 7])
     labels = torch.where(mask.bool(), ids, -100)
 
