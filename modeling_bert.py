@@ -747,13 +747,14 @@ def _plain_linear(linear):
 
 
 def linear_layer_norm(linear, x, layer_norm, residual, dropout_p, with_copy=False):
-    """layer_norm(dropout(linear(x)) + residual). In training with the fused kernels, a plain Linear's bias is
-    added by the LayerNorm kernel instead of the GEMM, so that its gradient is summed in the LayerNorm backward's
-    pass rather than by a reduction kernel of its own (not with hooks on either module: they see what they would
-    see unfused)."""
+    """layer_norm(dropout(linear(x)) + residual). In training mode with the fused kernels, a plain Linear's trainable
+    bias is added by the LayerNorm kernel instead of the GEMM, so that its gradient is summed in the LayerNorm
+    backward's pass rather than by a reduction kernel of its own (not with hooks on either module: they see what
+    they would see unfused). Decided by the module's mode, not by grad mode, so a reentrant checkpoint's no-grad
+    forward and its recompute take the same path."""
     bias = linear.bias
     if (
-        bias is not None and bias.requires_grad and torch.is_grad_enabled() and _plain_linear(linear)
+        linear.training and bias is not None and bias.requires_grad and _plain_linear(linear)
         and not _has_forward_hooks(layer_norm) and fused_kernels_available(x)
     ):
         return layer_norm(F.linear(x, linear.weight), residual, dropout_p, with_copy, x_bias=bias)

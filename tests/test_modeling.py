@@ -619,12 +619,27 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
     torch.testing.assert_close(out.detach(), fresh, rtol=0, atol=0)
 
 
+def record_layer_norm_argument(monkeypatch, mb, name):
+    """Wraps the modeling module's `add_dropout_layer_norm`: the returned list gets keyword `name` of every call
+    (None when not passed), in call order."""
+    real = mb.add_dropout_layer_norm
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get(name))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    return seen
+
+
 @pytest.mark.parametrize("forced_kernels", [False, True])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
 def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_kernels, autocast):
     # In training with the fused kernels available, the attention output's and the MLP's output Linear run without
     # their bias and the LayerNorm after each adds it (and sums its gradient in its own backward): loss and every
-    # gradient as with the Linears adding their biases. Not in inference, and not with a hook on either module.
+    # gradient as with the Linears adding their biases, also with reentrant checkpointing (its forward runs without
+    # grad, its recompute with). Not in eval mode, and not with a hook on either module.
     model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=2).train()
     mb = package_module(model)
     ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
@@ -632,14 +647,7 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
         pytest.skip("the hand-over needs the fused kernels available: triton's interpreter on CPU")
     if forced_kernels:
         monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
-    real_layer_norm = mb.add_dropout_layer_norm
-    handed = []
-
-    def recording(*args, x_bias=None, **kwargs):
-        handed.append(x_bias)
-        return real_layer_norm(*args, x_bias=x_bias, **kwargs)
-
-    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    handed = record_layer_norm_argument(monkeypatch, mb, "x_bias")
     ids, mask = ragged_batch([9, 4, 7])
     labels = torch.where(mask.bool(), ids, -100)
 
@@ -657,13 +665,22 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
     biases = [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)]
     expected = [None, *biases, None]  # embeddings and MLM head LayerNorms: no Linear before them
     assert [id(b) for b in handed] == [id(b) for b in expected]
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
+    model.eval()  # inference: the Linears add their biases (free in the GEMM)
+    model(input_ids=ids, attention_mask=mask)
+    model.train()
     assert handed[-len(expected):] == [None] * len(expected)
     handle = layers[0].mlp.layernorm.register_forward_hook(lambda *args: None)
     step()
     handle.remove()
     assert [id(b) for b in handed] == [id(b) for b in expected[:2]] + [id(None)] + [id(b) for b in expected[3:]]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed_loss, checkpointed_grads = step()
+    model.gradient_checkpointing_disable()
+    # every bias handed over twice: in the checkpoint's no-grad forward and in its recompute
+    assert sorted(id(b) for b in handed if b is not None) == sorted(id(b) for b in biases * 2)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
     plain_loss, plain_grads = step()
     assert all(b is None for b in handed)
@@ -690,14 +707,7 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
         monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
     # the Linears keep their biases (test_training_leaves_linear_biases_to_the_layer_norm covers handing them over)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
-    real_layer_norm = mb.add_dropout_layer_norm
-    copies = []
-
-    def recording(*args, copy_dtype=None, **kwargs):
-        copies.append(copy_dtype)
-        return real_layer_norm(*args, copy_dtype=copy_dtype, **kwargs)
-
-    monkeypatch.setattr(mb, "add_dropout_layer_norm", recording)
+    copies = record_layer_norm_argument(monkeypatch, mb, "copy_dtype")
     ids, mask = ragged_batch([9, 4, 7])
     labels = torch.where(mask.bool(), ids, -100)
 
