@@ -1083,7 +1083,9 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
             backward the two outputs' gradients are summed inside the kernel.
         x_bias (`torch.Tensor` of shape `(hidden,)`, *optional*): added to x before dropout: the bias of the Linear
             that produced x, which then runs without it, so that the backward reduces the bias gradient in the
-            kernel's pass instead of a separate one.
+            kernel's pass instead of a separate one. It does not take part in the default out_dtype, as the Linear's
+            output keeps its dtype when the Linear adds its bias (under autocast, an fp32 bias onto a bf16 output);
+            the sum is formed in fp32 and its gradient comes back in x_bias's dtype.
 
     Returns:
         `torch.Tensor` of x's shape in out_dtype, or the pair (output, copy) with copy_dtype. Sum and statistics

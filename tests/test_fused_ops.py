@@ -211,6 +211,10 @@ def test_layer_norm_dtype_rules(use_triton):
     out = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton)
     assert out.dtype == full
     check_layer_norm_against_reference(out, inputs, half)
+    # x_bias, a Linear's bias, leaves the dtype to x (and residual): as the Linear's output keeps its dtype
+    x, _, weight, bias = ln_inputs(5, 40, half)
+    out = add_dropout_layer_norm(x, None, weight, bias, 1e-5, use_triton=use_triton, x_bias=rand(40, seed=9))
+    assert out.dtype == half
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
