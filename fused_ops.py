@@ -1,15 +1,16 @@
 # Copyright 2026 The MosaicBERT package authors. Apache-2.0.
 """Fused element-wise kernels for the encoder: the gated GELU of the GLU MLP, and residual add + dropout +
-LayerNorm. Each replaces several memory-bound passes (split, GELU, multiply; dropout, add, LayerNorm) with one
-Triton kernel forward and one backward.
+LayerNorm; and the MLM loss's cross-entropy. Each replaces several memory-bound passes (split, GELU, multiply;
+dropout, add, LayerNorm; cast, log-softmax, gather) with one Triton kernel forward and one backward.
 
 Axis legend: `t` rows (total tokens of a packed batch, or any flattened leading dims), `n` hidden size,
 `i` intermediate size of the GLU (its Linear produces `2 * i` columns: gate first, then value).
 
 Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) -> `torch.library` custom ops
-(`mosaic_bert::gated_gelu_fwd/_bwd`, `mosaic_bert::add_dropout_layer_norm_fwd/_bwd`) with fake
-implementations and autograd, so `torch.compile(fullgraph=True)` traces through them -> the public functions
-`gated_gelu` and `add_dropout_layer_norm`, which take the kernels on CUDA and otherwise compute the same thing
+(`mosaic_bert::gated_gelu_fwd/_bwd`, `mosaic_bert::add_dropout_layer_norm_fwd/_bwd`,
+`mosaic_bert::cross_entropy_fwd/_bwd`) with fake implementations and autograd, so `torch.compile(fullgraph=True)`
+traces through them -> the public functions `gated_gelu`, `add_dropout_layer_norm` and `cross_entropy`, which take
+the kernels on CUDA and otherwise compute the same thing
 with plain PyTorch ops (which inductor fuses on its own).
 
 The file imports without Triton. Under Triton's interpreter (`TRITON_INTERPRET=1` set before triton is first
@@ -49,6 +50,7 @@ __all__ = [
     "HAS_TRITON",
     "DEFAULT_USE_TRITON",
     "add_dropout_layer_norm",
+    "cross_entropy",
     "fused_kernels_available",
     "gated_gelu",
     "gated_linear_gelu",
@@ -356,6 +358,63 @@ if HAS_TRITON:
         out_ptrs = Out + rows.to(tl.int64)[:, None] * stride_ot + cols[None, :]
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _cross_entropy_fwd_kernel(
+        Logits,  # (m, v); row stride stride_lt, columns contiguous
+        Target,  # (m,) int64 class ids
+        Loss, Lse,  # (m,) fp32: the row's loss, and its log-sum-exp for the backward
+        stride_lt, n_cols,
+        BLOCK_N: tl.constexpr,
+    ):
+        # Grid: (m,). One row per program, read once: each lane keeps a running max and its sum of exponentials
+        # (online softmax), combined across lanes at the end; statistics in fp32 whatever the logits' dtype.
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = Logits + row * stride_lt
+        lane_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        lane_sum = tl.zeros((BLOCK_N,), tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(lane_max, x)
+            # a lane that has seen only -inf keeps max -inf and sum 0 (exp(-inf - -inf) would be NaN)
+            finite = new_max > float("-inf")
+            shift = tl.where(finite, new_max, 0.0)
+            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+            lane_max = new_max
+        row_max = tl.max(lane_max, axis=0)
+        shift = tl.where(row_max > float("-inf"), row_max, 0.0)
+        total = tl.sum(lane_sum * tl.exp(lane_max - shift), axis=0)
+        lse = shift + tl.log(total)
+        target = tl.load(Target + row)
+        valid = (target >= 0) & (target < n_cols)
+        picked = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+        # An id outside [0, v) gives NaN (the caller checks ids; never a read out of bounds)
+        tl.store(Loss + row, tl.where(valid, lse - picked, float("nan")))
+        tl.store(Lse + row, lse)
+
+    @triton.jit
+    def _cross_entropy_bwd_kernel(
+        DLoss,  # (m,) fp32, row stride stride_g (0 for a broadcast gradient)
+        Logits,  # (m, v) as in the forward
+        Target, Lse,  # (m,) from the forward
+        DLogits,  # (m, v) contiguous, the logits' dtype
+        stride_g, stride_lt, n_cols,
+        BLOCK_N: tl.constexpr,
+    ):
+        # Grid: (m, column blocks). d_logits = (softmax(logits) - onehot(target)) * d_loss, softmax from the stored
+        # log-sum-exp: one read of the logits, one write of their gradient.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        x = tl.load(Logits + row * stride_lt + cols, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(Lse + row)
+        grad = tl.load(DLoss + row * stride_g)
+        target = tl.load(Target + row)
+        valid = (target >= 0) & (target < n_cols)
+        d = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * grad
+        d = tl.where(valid, d, float("nan"))
+        tl.store(DLogits + row * n_cols + cols, d.to(DLogits.dtype.element_ty), mask=mask)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers
@@ -627,6 +686,48 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype), dxb
 
 
+def _cross_entropy_block(n_cols):
+    """Columns per program of the cross-entropy kernels: 16 under the interpreter (test sizes cross several blocks
+    and a ragged tail), else up to 4096 (a 30k vocabulary row in 8 steps)."""
+    return 16 if _INTERPRET else min(4096, max(16, next_power_of_2(n_cols)))
+
+
+def _cross_entropy_forward(logits, target):
+    """logits: (m, v) with contiguous columns; target: (m,) int64. Returns loss, lse: (m,) fp32."""
+    _require_triton()
+    m, n_cols = logits.shape
+    loss = torch.empty((m,), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((m,), dtype=torch.float32, device=logits.device)
+    if m == 0:
+        return loss, lse
+    block = _cross_entropy_block(n_cols)
+    with device_context(logits):
+        launch(
+            _cross_entropy_fwd_kernel, (m, 1, 1), (logits, target, loss, lse, logits.stride(0), n_cols),
+            logits.device.index, BLOCK_N=block, num_warps=8 if block >= 2048 else 4,
+        )
+    return loss, lse
+
+
+def _cross_entropy_backward(grad_loss, logits, target, lse):
+    """grad_loss: (m,) (any stride, e.g. an expanded scalar); the rest as in the forward. Returns d_logits (m, v) in
+    the logits' dtype."""
+    _require_triton()
+    m, n_cols = logits.shape
+    dlogits = torch.empty((m, n_cols), dtype=logits.dtype, device=logits.device)
+    if m == 0:
+        return dlogits
+    grad_loss = grad_loss.float()
+    block = min(_cross_entropy_block(n_cols), 1024)
+    with device_context(logits):
+        launch(
+            _cross_entropy_bwd_kernel, (m, cdiv(n_cols, block), 1),
+            (grad_loss, logits, target, lse, dlogits, grad_loss.stride(0), logits.stride(0), n_cols),
+            logits.device.index, BLOCK_N=block, num_warps=4,
+        )
+    return dlogits
+
+
 # --------------------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile (no graph break), with fake implementations for tracing
 # --------------------------------------------------------------------------------------------------------
@@ -748,6 +849,42 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
 
     _add_dropout_layer_norm_fwd_op.register_autograd(
         _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context
+    )
+
+
+if _HAS_CUSTOM_OP and not _op_defined("cross_entropy_fwd"):
+
+    @torch.library.custom_op("mosaic_bert::cross_entropy_fwd", mutates_args=())
+    def _cross_entropy_fwd_op(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _cross_entropy_forward(logits, target)
+
+    @_cross_entropy_fwd_op.register_fake
+    def _(logits, target):
+        rows = logits.shape[:1]
+        return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+    @torch.library.custom_op("mosaic_bert::cross_entropy_bwd", mutates_args=())
+    def _cross_entropy_bwd_op(
+        grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor
+    ) -> torch.Tensor:
+        return _cross_entropy_backward(grad_loss, logits, target, lse)
+
+    @_cross_entropy_bwd_op.register_fake
+    def _(grad_loss, logits, target, lse):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def _cross_entropy_setup_context(ctx, inputs, output):
+        logits, target = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(logits, target, lse)
+
+    def _cross_entropy_autograd_backward(ctx, grad_loss, grad_lse):
+        logits, target, lse = ctx.saved_tensors
+        return torch.ops.mosaic_bert.cross_entropy_bwd(grad_loss, logits, target, lse), None
+
+    _cross_entropy_fwd_op.register_autograd(
+        _cross_entropy_autograd_backward, setup_context=_cross_entropy_setup_context
     )
 
 
@@ -896,6 +1033,31 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
     else:
         gated = F.linear(x, weight)
     return gated_gelu(gated, dropout_p=dropout_p, training=training, use_triton=use_triton)
+
+
+def cross_entropy(logits, target, use_triton=None):
+    """Per-row cross-entropy of `logits` (m, v) against class ids `target` (m,), as
+    `F.cross_entropy(logits.float(), target, reduction="none")`, returned in fp32.
+
+    With the kernels, the logits (any supported dtype, e.g. the MLM head's bf16 output under autocast) are read
+    once forward and once backward, and their gradient written once in their dtype: no fp32 copy of the logits, no
+    stored log-probabilities. Ids must lie in [0, v) (the caller checks them: the model range-checks its labels);
+    the kernel gives NaN for an id outside, never a read out of bounds.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"cross_entropy takes logits (m, v) and target (m,), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    supported = logits.dtype in _SUPPORTED_DTYPES and logits.shape[1] > 0 and not torch.is_floating_point(target)
+    if _take_triton(use_triton, logits, supported):
+        logits2 = logits if logits.stride(1) == 1 else logits.contiguous()
+        target = target.long().contiguous()
+        if _through_op(logits2):
+            loss, _ = torch.ops.mosaic_bert.cross_entropy_fwd(logits2, target)
+        else:
+            loss, _ = _cross_entropy_forward(logits2, target)
+        return loss
+    return F.cross_entropy(logits.float(), target, reduction="none")
 
 
 def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, training=False, out_dtype=None,

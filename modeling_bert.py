@@ -47,6 +47,7 @@ from .configuration_bert import BertConfig
 from .flash_attn_triton import HAS_TRITON, PackedSelfAttention
 from .fused_ops import (
     add_dropout_layer_norm,
+    cross_entropy,
     fused_kernels_available,
     gated_gelu,
     gated_linear_gelu,
@@ -1171,7 +1172,8 @@ class BertForMaskedLM(BertPreTrainedModel):
         if labels is not None:
             flat_index = layout.flat_index(state.subset_idx)  # (m,)
             target = labels.reshape(-1)[flat_index]
-            total = F.cross_entropy(logits.float(), target, reduction="sum")
+            # ids checked at entry (label_checks); the fused kernel reads the logits in their dtype, no fp32 copy
+            total = cross_entropy(logits, target).sum()
             loss = mean_loss(total, target.shape[0], num_items_in_batch)
             if not self.config.sparse_prediction:
                 logits = index_put_first_axis(logits, flat_index, layout.batch_size * layout.seqlen)

@@ -2,11 +2,14 @@
 forward and backward, with and without dropout, as an MLM training step at 256 x 128 tokens calls them (bf16
 autocast: the GEMM outputs bf16, the LayerNorm's residual and output fp32).
 
-    python bench/elementwise.py [--rows 32768] [--repo PATH ...] [--bwd-programs 2 4 8 16]
+    python bench/elementwise.py [--rows 32768] [--repo PATH ...] [--bwd-programs 2 4 8 16] [--loss]
 
 GPU µs per call from a CUDA graph of 20 calls (best of 5 replays) and the bytes each call must move over that
 time (GB/s). `--repo` times the kernels of other checkouts in the same process, side by side; `--bwd-programs`
 also times the LayerNorm backward with that many programs per SM (`fused_ops.LAYER_NORM_BWD_PROGRAMS_PER_SM`).
+`--loss` also times the MLM loss, forward + backward, on the bf16 logits of 30% of the rows against a 30528-word
+vocabulary: `fused_ops.cross_entropy(...).sum()` against `F.cross_entropy(logits.float(), ..., reduction="sum")`
+(what the model computed before the kernel), by CUDA events (best of 5 runs of 10).
 """
 
 import argparse
@@ -64,11 +67,44 @@ def cases(ops, rows, p):
     ]
 
 
+def time_loss(fn, logits, target, repeats=5, calls=10):
+    """ms per forward + backward of fn(logits, target) -> scalar loss."""
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn(logits, target).backward()
+            logits.grad = None
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
+def loss_table(ops, rows, vocab=30528):
+    import torch.nn.functional as F
+
+    m = int(0.3 * rows)
+    logits = torch.randn(m, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    target = torch.randint(0, vocab, (m,), device="cuda")
+    variants = [
+        ("F.cross_entropy(logits.float())", lambda x, t: F.cross_entropy(x.float(), t, reduction="sum")),
+        ("fused_ops.cross_entropy", lambda x, t: ops.cross_entropy(x, t).sum()),
+    ]
+    print(f"\n| MLM loss fwd + bwd, {m} x {vocab} bf16 logits | ms |")
+    print("|---|---:|")
+    for name, fn in variants:
+        time_loss(fn, logits, target, repeats=1, calls=2)  # compile the kernels
+        print(f"| {name} | {time_loss(fn, logits, target):.3f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--repo", nargs="*", default=[], help="other checkouts to time side by side")
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[])
+    parser.add_argument("--loss", action="store_true", help="also time the MLM loss (cross-entropy)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -97,6 +133,8 @@ def main():
                 us = gpu_us(fn)
                 print(f"| {name}, {per_sm} programs / SM | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
         ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = saved
+    if args.loss:
+        loss_table(modules[0], args.rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ if REPO_ROOT not in sys.path:
 import fused_ops  # noqa: E402
 from fused_ops import (  # noqa: E402
     add_dropout_layer_norm,
+    cross_entropy,
     fused_kernels_available,
     gated_gelu,
     gated_linear_gelu,
@@ -559,6 +560,103 @@ def test_compile_fullgraph_no_graph_breaks(use_triton, with_copy):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# cross_entropy: the MLM loss
+# ------------------------------------------------------------------------------------------------------------
+def cross_entropy_reference(logits, target):
+    """Per-row -log softmax(logits)[target] in float64, written out (not F.cross_entropy)."""
+    x = logits.double()
+    shift = x.max(-1, keepdim=True).values
+    lse = shift.squeeze(-1) + (x - shift).exp().sum(-1).log()
+    return lse - x.gather(-1, target[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab", [(1, 16), (5, 37), (9, 100), (0, 20)])
+def test_cross_entropy_matches_reference(use_triton, dtype, rows, vocab):
+    # Interpreter blocks are 16 columns: 37 and 100 cross several blocks and end in a ragged one
+    (logits,) = leaves(rand(rows, vocab, dtype=dtype, scale=3.0))
+    target = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    loss = cross_entropy(logits, target, use_triton=use_triton)
+    assert loss.dtype == torch.float32 and loss.shape == (rows,)
+    (logits64,) = leaves(logits.double())
+    ref = cross_entropy_reference(logits64, target)
+    assert_close(loss, ref, torch.float32, "loss")
+    grad = rand(rows, seed=2)
+    (d,) = torch.autograd.grad(loss, logits, grad)
+    (d_ref,) = torch.autograd.grad(ref, logits64, grad.double(), retain_graph=True)
+    assert d.dtype == dtype
+    assert_close(d, d_ref, dtype, "d_logits")
+    # the model's use: the sum, whose gradient reaches the op as an expanded scalar
+    (d_sum,) = torch.autograd.grad(cross_entropy(logits, target, use_triton=use_triton).sum(), logits)
+    (d_sum_ref,) = torch.autograd.grad(ref.sum(), logits64)
+    assert_close(d_sum, d_sum_ref, dtype, "d_logits of the sum")
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_cross_entropy_extreme_logits(use_triton):
+    # Large magnitudes (no overflow: the row max is subtracted), -inf columns (a masked vocabulary: zero
+    # probability, zero gradient), a whole block of -inf before the first finite value, and a NaN row that stays NaN
+    # without touching the others.
+    logits = rand(4, 40, scale=3.0)
+    logits[0] *= 1e4
+    logits[1, :20] = float("-inf")
+    logits[2, 5:9] = float("-inf")
+    logits[3, 7] = float("nan")
+    target = torch.tensor([3, 25, 30, 1], device=DEVICE)
+    (leaf,) = leaves(logits)
+    loss = cross_entropy(leaf, target, use_triton=use_triton)
+    (d,) = torch.autograd.grad(loss[:3].sum(), leaf)
+    (leaf64,) = leaves(logits[:3].double())
+    ref = cross_entropy_reference(leaf64, target[:3])
+    (d_ref,) = torch.autograd.grad(ref.sum(), leaf64)
+    assert_close(loss[:3], ref, torch.float32, "loss")
+    assert_close(d[:3], d_ref, torch.float32, "d_logits")
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[:3]).all()
+    assert torch.equal(d[1, :20], torch.zeros(20, device=DEVICE))
+
+
+@requires_kernels
+def test_cross_entropy_kernel_never_reads_past_the_row():
+    # The model checks its labels; an id outside [0, v) reaching the kernel gives NaN for that row, not a wrong loss.
+    (logits,) = leaves(rand(3, 24))
+    target = torch.tensor([2, 24, -1], device=DEVICE)
+    loss = cross_entropy(logits, target, use_triton=True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    (d,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(d[0]).all() and torch.isnan(d[1:]).all()
+
+
+def test_cross_entropy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"logits \(m, v\) and target \(m,\), got \(2, 3, 4\) and \(2,\)"):
+        cross_entropy(torch.zeros(2, 3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="got \\(2, 4\\) and \\(3,\\)"):
+        cross_entropy(torch.zeros(2, 4, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
+def test_cross_entropy_compiles_fullgraph(use_triton):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def loss_fn(h, w, target):
+        return cross_entropy(h @ w, target, use_triton=use_triton).sum()
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    h, w = leaves(rand(6, 8), rand(8, 40, seed=1))
+    target = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = compiled(h, w, target)
+    got = torch.autograd.grad(out, (h, w))
+    assert counter.frame_count == 1
+    eager = loss_fn(h, w, target)
+    expected = torch.autograd.grad(eager, (h, w))
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # gated_linear_gelu: the GEMM with the gated GELU in its epilogue (inference), or the Linear + gated_gelu
 # ------------------------------------------------------------------------------------------------------------
 GEMM_KERNEL = (
@@ -914,3 +1012,20 @@ def test_gated_linear_gelu_cuda(gemm_launches, dtype, rows):
     # no worse than the unfused path, which rounds the GEMM output to the dtype before the GELU
     unfused = gated_gelu(torch.nn.functional.linear(x, weight))
     assert (out.double() - ref).abs().max() <= 1.5 * (unfused.double() - ref).abs().max() + 1e-3
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cross_entropy_cuda(dtype):
+    # The MLM head's shape: ~30% of 4096 tokens against a 30528-word vocabulary, bf16 logits under autocast
+    rows, vocab = 1229, 30528
+    (logits,) = leaves(rand(rows, vocab, dtype=dtype, scale=4.0))
+    target = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    loss = cross_entropy(logits, target, use_triton=True)
+    (logits64,) = leaves(logits.double())
+    ref = cross_entropy_reference(logits64, target)
+    assert_close(loss, ref, torch.float32, "loss")
+    (d,) = torch.autograd.grad(loss.sum(), logits)
+    (d_ref,) = torch.autograd.grad(ref.sum(), logits64)
+    assert d.dtype == dtype
+    assert_close(d, d_ref, dtype, "d_logits")
