@@ -22,7 +22,7 @@ import train_step  # noqa: E402  (variants and batches shared with the training 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", nargs="?", default="mosaic triton+sparse", choices=list(train_step.VARIANTS))
-    parser.add_argument("kind", nargs="?", default="fixed", choices=["fixed", "ragged"])
+    parser.add_argument("kind", nargs="?", default="fixed", help="fixed, ragged or long:<length>:<batch size>")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """MLM training-step speed on one GPU in bf16: MosaicBERT-base against transformers' BERT and ModernBERT.
 
-    python bench/train_step.py                      # the table: fixed 128 x 256 and ragged 32-512 x 128
+    python bench/train_step.py                      # the table: fixed 256 x 128 and ragged 32-512 x 128
+    python bench/train_step.py --batches long:256:128   # other batches: 128 sequences of 256 tokens
     python bench/train_step.py --long               # + long sequences (2048 / 4096 / 8192): time and memory
     python bench/train_step.py --curve FILE.txt.xz  # + loss curves with low-precision vs fp32 LayerNorm
 
@@ -37,9 +38,11 @@ def make_batch(kind, seed=0):
         lengths = torch.full((4 if SMOKE else 256,), 128)
     elif kind == "ragged":
         lengths = torch.randint(32, 513, (4 if SMOKE else 128,), generator=g)
-    else:  # "long:<L>:<batch>"
+    elif kind.startswith("long:") and len(kind.split(":")) == 3:  # "long:<L>:<batch>": batch sequences of L
         _, seqlen, batch = kind.split(":")
         lengths = torch.full((int(batch),), int(seqlen) // (32 if SMOKE else 1))
+    else:
+        raise ValueError(f"unknown batch {kind!r}: fixed, ragged or long:<length>:<batch size>")
     s = int(lengths.max())
     ids = torch.randint(1000, VOCAB, (len(lengths), s), generator=g)
     mask = (torch.arange(s)[None] < lengths[:, None]).long()
@@ -146,7 +149,7 @@ VARIANTS = {
 
 
 def run_table(args, results):
-    for kind in ("fixed", "ragged"):
+    for kind in args.batches:
         batch, lengths = make_batch(kind)
         real = int(lengths.sum())
         for name, build in VARIANTS.items():
@@ -239,6 +242,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--batches", nargs="*", default=["fixed", "ragged"],
+                        help="fixed (256 x 128), ragged (128 x 32-512) or long:<length>:<batch size>")
     parser.add_argument("--long", action="store_true")
     parser.add_argument("--curve", help="a .txt.xz corpus file for the fused/unfused loss-curve comparison")
     parser.add_argument("--curve-steps", type=int, default=300)
