@@ -686,10 +686,16 @@ class BertEmbeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         if token_type_ids is None:
-            token_type = self.token_type_embeddings.weight[0]
+            token_type = self.token_type_embeddings.weight[0]  # (hidden,): type 0 for every token
         else:
-            token_type = self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(inputs_embeds + token_type))
+            token_type = self.token_type_embeddings(token_type_ids)  # (t, hidden)
+        if _has_forward_hooks(self.LayerNorm) or inputs_embeds.dtype != token_type.dtype:
+            # a hook sees the sum it would see unfused; mixed dtypes keep the promotion of the sum
+            return self.dropout(self.LayerNorm(inputs_embeds + token_type))
+        # the sum is formed inside the LayerNorm kernel's pass (no add pass of its own)
+        if token_type_ids is None:
+            return self.dropout(self.LayerNorm(inputs_embeds, x_bias=token_type))
+        return self.dropout(self.LayerNorm(inputs_embeds, token_type))
 
 
 class BertUnpadSelfAttention(nn.Module):

@@ -663,33 +663,91 @@ def test_training_leaves_linear_biases_to_the_layer_norm(monkeypatch, forced_ker
     loss, grads = step()
     layers = model.bert.encoder.layer
     biases = [b for layer in layers for b in (layer.attention.output.dense.bias, layer.mlp.wo.bias)]
-    expected = [None, *biases, None]  # embeddings and MLM head LayerNorms: no Linear before them
-    assert [id(b) for b in handed] == [id(b) for b in expected]
+    type_row = model.bert.embeddings.token_type_embeddings.weight[0]
+
+    def encoder_calls(handed):  # the embeddings' LayerNorm comes first (the token-type row), the head's last
+        assert torch.equal(handed[0], type_row) and handed[0].data_ptr() == type_row.data_ptr()
+        assert handed[-1] is None
+        return [id(b) for b in handed[1:-1]]
+
+    assert encoder_calls(handed) == [id(b) for b in biases]
     model.eval()  # inference: the Linears add their biases (free in the GEMM)
+    handed.clear()
     model(input_ids=ids, attention_mask=mask)
     model.train()
-    assert handed[-len(expected):] == [None] * len(expected)
+    assert torch.equal(handed[0], type_row) and handed[1:] == [None] * (len(biases) + 1)  # + the head
     handle = layers[0].mlp.layernorm.register_forward_hook(lambda *args: None)
     step()
     handle.remove()
-    assert [id(b) for b in handed] == [id(b) for b in expected[:2]] + [id(None)] + [id(b) for b in expected[3:]]
+    assert encoder_calls(handed) == [id(biases[0]), id(None)] + [id(b) for b in biases[2:]]
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     checkpointed_loss, checkpointed_grads = step()
     model.gradient_checkpointing_disable()
     # every bias handed over twice: in the checkpoint's no-grad forward and in its recompute
-    assert sorted(id(b) for b in handed if b is not None) == sorted(id(b) for b in biases * 2)
+    handed_biases = [id(b) for b in handed if b is not None and b.shape == biases[0].shape and b is not handed[0]]
+    assert sorted(handed_biases) == sorted(id(b) for b in biases * 2)
     torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
     plain_loss, plain_grads = step()
-    assert all(b is None for b in handed)
+    assert all(b is None for b in handed[1:])
     # under fp16 autocast the Linear adds its bias in fp16, the LayerNorm in fp32: a rounding apart
     tol = dict(rtol=2e-3, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, plain_loss, **tol)
     assert grads.keys() == plain_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("forced_kernels", [False, True])
+@pytest.mark.parametrize("types", ["none", "given"])
+def test_embeddings_add_the_token_type_in_the_layer_norm(monkeypatch, forced_kernels, types):
+    # The token-type row (no token_type_ids) or rows are added inside the LayerNorm's pass: output and the
+    # embedding tables' gradients as LayerNorm(word + type) in float64; bf16 inputs_embeds on an fp32 model still
+    # give fp32 (the sum's promotion); a hook on the LayerNorm sees the sum it sees unfused.
+    model = tiny_model("AutoModel").train()
+    mb = package_module(model)
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    if forced_kernels:
+        if not (ops.HAS_TRITON and ops._INTERPRET):
+            pytest.skip("forcing the kernels on CPU needs triton's interpreter")
+        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+    emb = model.embeddings
+    with torch.no_grad():
+        emb.token_type_embeddings.weight.normal_()  # rows far apart: a dropped or wrong row shows
+    ids = torch.randint(1, model.config.vocab_size, (13,))
+    type_ids = torch.randint(0, 2, (13,)) if types == "given" else None
+    out = emb(input_ids=ids, token_type_ids=type_ids)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    word = emb.word_embeddings.weight.detach().double().requires_grad_(True)
+    table = emb.token_type_embeddings.weight.detach().double().requires_grad_(True)
+    typed = table[torch.zeros_like(ids) if type_ids is None else type_ids]
+    ln = emb.LayerNorm
+    ref = torch.nn.functional.layer_norm(word[ids] + typed, ln.weight.shape, ln.weight.double(), ln.bias.double(),
+                                         ln.eps)
+    ref.backward(grad.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb.token_type_embeddings.weight.grad.double(), table.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb.word_embeddings.weight.grad.double(), word.grad, rtol=1e-4, atol=1e-5)
+    if type_ids is None:
+        assert emb.token_type_embeddings.weight.grad[1].abs().max() == 0
+
+    with torch.no_grad():  # bf16 inputs_embeds onto fp32 tables: the fp32 sum, as unfused
+        low = emb.word_embeddings(ids).bfloat16()
+        mixed = emb(inputs_embeds=low, token_type_ids=type_ids)
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, ln(low.float() + typed.float()), rtol=1e-5, atol=1e-5)
+        seen = []
+        handle = ln.register_forward_hook(lambda module, args, output: seen.append(args))
+        hooked = emb(input_ids=ids, token_type_ids=type_ids)
+        handle.remove()
+        assert len(seen) == 1 and len(seen[0]) == 1  # one input: the sum
+        torch.testing.assert_close(seen[0][0].double(), (word[ids] + typed).detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hooked.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("forced_kernels", [False, True])
