@@ -68,10 +68,20 @@ def valid_token_indices(attention_mask: torch.Tensor, total: int | None = None) 
     flat = attention_mask.reshape(-1) != 0
     if total is None:
         return torch.nonzero(flat, as_tuple=False).flatten()
-    rank = torch.cumsum(flat, 0) - 1  # (b * s,) rank of each valid position among the valid ones
-    target = torch.where(flat, rank, total)  # padding writes to a spare slot past the end
-    positions = torch.arange(flat.numel(), device=flat.device)
-    return positions.new_empty(total + 1).scatter_(0, target, positions)[:total]
+    return scatter_by_rank(flat, torch.arange(flat.numel(), device=flat.device))[:total]
+
+
+def scatter_by_rank(flags: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) buffer, n = flags.numel(), whose first k entries are `values` at the flagged positions, in order
+    (k = the number of flags, which the caller knows or reads later); the entries after them are unspecified.
+
+    Sizes do not depend on the flags' values, so nothing is read from the device: each flagged value is scattered
+    to its rank among the flagged ones, the others to a spare slot past the end.
+    """
+    flags = flags.reshape(-1)
+    rank = torch.cumsum(flags, 0) - 1
+    target = torch.where(flags, rank, flags.numel())
+    return values.new_empty(flags.numel() + 1).scatter_(0, target, values.reshape(-1))
 
 
 def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, total: int | None = None):
@@ -108,6 +118,7 @@ __all__ = [
     "index_first_axis",
     "index_put_first_axis",
     "pad_input",
+    "scatter_by_rank",
     "unpad_input",
     "valid_token_indices",
 ]

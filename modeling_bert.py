@@ -5,8 +5,10 @@ Axes used in shape comments:
     m masked (labelled) tokens, v vocabulary, c choices.
 
 One forward pass, top to bottom:
-    inputs -> `validate_inputs` (every check, at most one device-to-host read)
-           -> `build_layout` (unpad once with `bert_padding.unpad_input`; pick the attention function once)
+    inputs -> `resolve_attention` (pick the attention function once)
+           -> `validate_inputs` (every check, at most one device-to-host read; before it, `prepare_layout`
+              queues the layout's device work, whose sizes do not depend on the values)
+           -> `build_layout` (unpad once: the valid tokens' positions, cut to the count read with the checks)
            -> `BertEmbeddings` -> `BertEncoder.forward` (the layer loop) -> subset for sparse MLM
            -> `TokenLayout.pad` (pad back once) -> heads.
 Attention implementations are plain functions in one table, `ATTENTION_FUNCTIONS`; `resolve_attention` is the
@@ -40,6 +42,7 @@ from .bert_padding import (
     index_first_axis,
     index_put_first_axis,
     pad_input,
+    scatter_by_rank,
     unpad_input,
     valid_token_indices,
 )
@@ -355,6 +358,7 @@ class ModelInputs:
     max_seqlen: int | None
     total: int | None
     labelled: int | None = None
+    prepared: "LayoutPrep | None" = None
 
     @property
     def device(self):
@@ -410,11 +414,13 @@ def packed_kwargs(kwargs, cu_seqlens, max_seqlen):
 
 def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None,
                     position_ids=None, cu_seqlens=None, max_seqlen=None, label_checks=(),
-                    subset_labels=None) -> ModelInputs:
+                    subset_labels=None, before_read=None) -> ModelInputs:
     """Every check of the inputs, in one place. Shapes and dtypes are checked on the host; values (ids in range,
     a 0/1 mask, labels in range, the number of valid tokens) are read from the device together, in one read, and
     not at all while tracing. `label_checks`: (name, tensor, low, high, ignore) of the head's labels;
-    `subset_labels` (b, s): also count the labelled (not -100) tokens, for sparse MLM."""
+    `subset_labels` (b, s): also count the labelled (not -100) tokens, for sparse MLM. `before_read`: called with
+    the shape-checked inputs just before the read (not while tracing) to queue device work whose sizes do not
+    depend on the values; its result is `prepared` of the returned inputs."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
     if input_ids is not None:
@@ -469,7 +475,12 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
         if attention_mask is not None:
             labelled = labelled & (attention_mask != 0)
         values.append(labelled.sum().reshape(1))
-    read = torch.cat(values).tolist() if values else []  # the one device-to-host read
+    values = torch.cat(values) if values else None
+    prepared = None
+    if before_read is not None:  # its host time overlaps the GPU's work on earlier calls, which the read waits for
+        prepared = before_read(ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask,
+                                           token_type_ids, position_ids, cu_seqlens, max_seqlen, None))
+    read = values.tolist() if values is not None else []  # the one device-to-host read
     for k, (_, check) in enumerate(checks):
         check(*read[2 * k : 2 * k + 2])
     read = read[2 * len(checks) :]
@@ -500,7 +511,7 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
         read = read[2:]
     labelled = read[0] if subset_labels is not None else None
     return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
-                       cu_seqlens, max_seqlen, total, labelled)
+                       cu_seqlens, max_seqlen, total, labelled, prepared)
 
 
 def _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device):
@@ -559,22 +570,64 @@ class TokenLayout:
         return torch.where((self.first_index >= 0)[:, None], picked, 0)
 
 
+@dataclass
+class LayoutPrep:
+    """The layout's device work whose sizes do not depend on the input's values (`prepare_layout`), queued before
+    the one device read so that its host time overlaps the GPU's work on earlier calls.
+
+    `cu_rows` (b + 1,) int32 offsets of each row's valid tokens; `positions` (b * s + 1,) the flat positions of the
+    valid tokens first, in order (None without a mask); `subset` (b * s + 1,) the computed-token rows of the
+    labelled tokens first (sparse MLM), or None. The counts read with the checks cut the buffers.
+    """
+
+    cu_rows: torch.Tensor
+    positions: torch.Tensor | None
+    subset: torch.Tensor | None
+
+
+def prepare_layout(inputs: ModelInputs, attention: str, subset_labels=None) -> LayoutPrep | None:
+    """`LayoutPrep` for the unpadded layouts; None for the padded one (`DenseSequences`), which needs nothing read."""
+    if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
+        return None
+    b, s = inputs.batch_size, inputs.seqlen
+    device = inputs.device
+    every = torch.arange(b * s, device=device)
+    if inputs.attention_mask is None:
+        valid, positions = None, None
+        cu_rows = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+    else:
+        valid = (inputs.attention_mask != 0).reshape(-1)
+        cu_rows = cu_seqlens_from_lengths(valid.view(b, s).sum(-1, dtype=torch.int32))
+        positions = scatter_by_rank(valid, every)
+    subset = None
+    if subset_labels is not None:
+        labelled = subset_labels.reshape(-1) != IGNORE_INDEX
+        if valid is None:
+            rows = every
+        else:  # each valid position's row among the computed tokens (its own position when nothing is padding)
+            labelled = labelled & valid
+            rows = torch.cumsum(valid, 0) - 1
+        subset = scatter_by_rank(labelled, rows)
+    return LayoutPrep(cu_rows, positions, subset)
+
+
 def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
     """The layout for the attention function `attention`: unpadded tokens (`VarlenSequences`) or the padded
     batch with masks (`DenseSequences`). Reads nothing from the device (the number of valid tokens was read with
-    the other checks)."""
+    the other checks); cuts `inputs.prepared` when it was made, and builds it while tracing."""
     b, s = inputs.batch_size, inputs.seqlen
-    device = inputs.device
     mask = inputs.attention_mask
     if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
         return _dense_layout(inputs, attention)
 
-    if mask is None or inputs.total == b * s:
-        indices, row_lengths = None, torch.full((b,), s, dtype=torch.int32, device=device)
-        cu_rows = cu_seqlens_from_lengths(row_lengths)
-    else:
+    prep = inputs.prepared
+    if prep is not None:
+        cu_rows = prep.cu_rows
+        indices = None if mask is None or inputs.total == b * s else prep.positions[: inputs.total]
+    elif mask is None:
+        indices, cu_rows = None, torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=inputs.device)
+    else:  # tracing: the count is not read, the positions are (nonzero, a data-dependent size)
         _, indices, cu_rows, _ = unpad_input(mask[..., None], mask, inputs.total)
-        row_lengths = cu_rows[1:] - cu_rows[:-1]
     max_seqlen = s
     if inputs.cu_seqlens is not None:  # one row of packed documents, no padding
         cu, max_seqlen = inputs.cu_seqlens, inputs.max_seqlen
@@ -583,7 +636,7 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
         positions = inputs.position_ids.reshape(-1)
         positions = positions if indices is None else positions[indices]
         starts = positions == 0
-        starts[cu_rows[:-1][row_lengths > 0].long()] = True
+        starts[cu_rows[:-1][cu_rows[1:] > cu_rows[:-1]].long()] = True  # each non-empty row's first token
         cu = torch.cat([torch.nonzero(starts).flatten(), starts.new_tensor([starts.numel()], dtype=torch.long)])
         cu = cu.to(torch.int32)
     else:
@@ -833,8 +886,16 @@ class BertEncoder(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
         self.gradient_checkpointing = False
 
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the whole model (model.half(), .to(torch.bfloat16)) casts buffers too: the slopes are
+        # computed again in fp32 instead, exact, so that a forward reads them as they are.
+        super()._apply(fn, recurse)
+        if self.alibi_slopes.dtype != torch.float32:
+            self.alibi_slopes = alibi_slopes(self.config.num_attention_heads, device=self.alibi_slopes.device)
+        return self
+
     def slopes(self):
-        # A dtype cast of the whole model (model.half()) also casts this buffer; the slopes stay exact in fp32.
+        # a buffer cast around _apply (a wrapper assigning buffers itself): the slopes stay exact in fp32
         if self.alibi_slopes.dtype != torch.float32:
             return alibi_slopes(self.config.num_attention_heads, device=self.alibi_slopes.device)
         return self.alibi_slopes
@@ -1019,16 +1080,21 @@ class BertModel(BertPreTrainedModel):
         _unexpected_kwargs(self, kwargs)
         output_attentions = _flag(output_attentions, self.config.output_attentions)
         output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
+        given = input_ids if input_ids is not None else inputs_embeds
+        attention = None
+        if given is not None:  # else validate_inputs says what is missing
+            device = given.device
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.embeddings.word_embeddings.weight.dtype
+            dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+            attention = resolve_attention(self.config, device, dtype, dropout_p, output_attentions)
         inputs = validate_inputs(
             self.config, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
             label_checks=label_checks, subset_labels=subset_labels,
+            before_read=lambda early: prepare_layout(early, attention, subset_labels),
         )
-        device = inputs.device
-        autocast = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else self.embeddings.word_embeddings.weight.dtype
-        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
-        layout = build_layout(inputs, resolve_attention(self.config, device, dtype, dropout_p, output_attentions))
+        layout = build_layout(inputs, attention)
 
         hidden = self.embeddings(
             input_ids=None if input_ids is None else layout.unpad(input_ids),
@@ -1036,7 +1102,9 @@ class BertModel(BertPreTrainedModel):
             inputs_embeds=None if inputs_embeds is None else layout.unpad(inputs_embeds),
         )  # (t, hidden)
         subset_idx = None
-        if subset_labels is not None:
+        if subset_labels is not None and inputs.prepared is not None:
+            subset_idx = inputs.prepared.subset[: inputs.labelled]  # (m,)
+        elif subset_labels is not None:
             labelled = layout.unpad(subset_labels) != IGNORE_INDEX  # (t,)
             if isinstance(layout.sequences, DenseSequences):  # labels at padding are not tokens, as when unpadded
                 labelled = labelled & layout.sequences.valid.reshape(-1)

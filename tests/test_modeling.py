@@ -43,6 +43,67 @@ def test_slopes_buffer_filled_on_init_and_exact_after_cast():
     model.to(torch.bfloat16)
     assert enc.slopes().dtype == torch.float32
     torch.testing.assert_close(enc.slopes(), torch.tensor(closed_form_slopes(4), dtype=torch.float32))
+    # the cast keeps the buffer itself exact in fp32: a forward reads it, computing nothing
+    assert enc.alibi_slopes.dtype == torch.float32
+    torch.testing.assert_close(enc.alibi_slopes, torch.tensor(closed_form_slopes(4), dtype=torch.float32))
+    model.half()
+    assert enc.alibi_slopes.dtype == torch.float32 and enc.slopes() is enc.alibi_slopes
+    assert torch.equal(enc.alibi_slopes, torch.tensor(closed_form_slopes(4), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("rows", [
+    [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 0, 1]],  # right, none, empty, holes
+    [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]],  # left padding
+    [[1, 1, 1], [1, 1, 1]],  # nothing padded
+])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_layout_prepared_before_the_read_matches_plain_indexing(rows, with_labels):
+    # prepare_layout queues the layout's device work before the count is read; cut to the counts, its positions,
+    # row offsets and labelled rows equal plain boolean indexing of the mask and labels.
+    model = tiny_model()
+    mb = package_module(model)
+    mask = torch.tensor(rows)
+    b, s = mask.shape
+    ids = torch.randint(1, 50, (b, s)) * mask
+    labels = torch.where(torch.rand(b, s, generator=torch.Generator().manual_seed(1)) < 0.5, ids, -100)
+    labels[0, 0] = 7  # labelled padding or not: only labelled valid tokens count
+    inputs = mb.validate_inputs(
+        model.config, input_ids=ids, attention_mask=mask, subset_labels=labels if with_labels else None,
+        before_read=lambda early: mb.prepare_layout(early, "torch", labels if with_labels else None),
+    )
+    prep = inputs.prepared
+    valid = mask.reshape(-1).bool()
+    total = int(valid.sum())
+    assert inputs.total == total
+    assert torch.equal(prep.positions[:total], torch.arange(b * s)[valid])
+    assert prep.cu_rows.dtype == torch.int32
+    assert prep.cu_rows.tolist() == [0] + torch.cumsum(mask.sum(-1), 0).tolist()
+    layout = mb.build_layout(inputs, "torch")
+    if total == b * s:
+        assert layout.indices is None
+    else:
+        assert torch.equal(layout.indices, torch.arange(b * s)[valid])
+    if with_labels:
+        chosen = (labels.reshape(-1) != -100) & valid
+        # the row of each labelled token among the computed (valid) tokens
+        expected = [int(valid[:p].sum()) for p in range(b * s) if chosen[p]]
+        assert inputs.labelled == len(expected)
+        assert prep.subset[: inputs.labelled].tolist() == expected
+    else:
+        assert prep.subset is None
+
+
+def test_scatter_by_rank_puts_flagged_values_first_in_order():
+    mb = package_module(tiny_model())
+    bp = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".bert_padding"]
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 100):
+        flags = torch.rand(n, generator=g) < 0.4
+        values = torch.randint(-1000, 1000, (n,), generator=g)
+        out = bp.scatter_by_rank(flags, values)
+        assert out.shape == (n + 1,)
+        k = int(flags.sum())
+        assert torch.equal(out[:k], values[flags])
 
 
 # ------------------------------------------------------------------------------------------------ exactness
