@@ -1,0 +1,97 @@
+"""Where the GPU waits for the host: idle gaps between kernels in back-to-back eager calls, and what the host did.
+
+    python bench/idle_gaps.py infer fixed          # MosaicBERT-base forwards (bench/infer.py's model, bf16)
+    python bench/idle_gaps.py train ragged         # MLM training steps (bench/train_step.py's "mosaic triton+sparse")
+
+Profiles 4 forwards (or 2 training steps) after 5 warm-up calls with torch.profiler (CPU + CUDA, Python stacks),
+then prints the GPU's busy and idle time per call, and for the largest idle gaps the host calls that began inside
+each gap (offset from the gap's start and duration, µs).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build(mode, kind):
+    if mode == "infer":
+        import infer
+
+        model = infer.ours().to("cuda", torch.bfloat16).eval()
+        row = {"fixed": "fixed 128 x 256", "ragged": "ragged 32-512 x 128"}.get(kind, kind)
+        batch, _ = infer.make_batch(row)
+
+        def call():
+            with torch.inference_mode():
+                model(**batch)
+
+        return call, 4
+    import train_step
+
+    model = train_step.VARIANTS["mosaic triton+sparse"]().to("cuda").train()
+    batch, _ = train_step.make_batch(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def call():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return call, 2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["infer", "train"])
+    parser.add_argument("kind", nargs="?", default="fixed")
+    parser.add_argument("--gaps", type=int, default=8, help="how many of the largest gaps to detail")
+    parser.add_argument("--min-gap", type=float, default=20.0, help="µs between kernels that count as idle")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    torch.manual_seed(0)
+    call, n = build(args.mode, args.kind)
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        for _ in range(n):
+            call()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+    host = sorted((e for e in events if e.get("cat") in ("python_function", "cpu_op", "cuda_runtime") and "dur" in e),
+                  key=lambda e: e["ts"])
+    gaps, end = [], device[0]["ts"] + device[0]["dur"]
+    for e in device[1:]:
+        if e["ts"] - end > args.min_gap:
+            gaps.append((e["ts"] - end, end, e["ts"], e["name"]))
+        end = max(end, e["ts"] + e["dur"])
+    span = end - device[0]["ts"]
+    busy = sum(e["dur"] for e in device)
+    idle = sum(g[0] for g in gaps)
+    print(f"{args.mode} {args.kind} ({torch.cuda.get_device_name()}): per call GPU span {span / n / 1e3:.2f} ms, "
+          f"kernels {busy / n / 1e3:.2f} ms, idle gaps over {args.min_gap:.0f} µs {idle / n / 1e3:.2f} ms "
+          f"({len(gaps) / n:.0f} gaps)")
+    for length, start, stop, next_kernel in sorted(gaps, reverse=True)[: args.gaps]:
+        print(f"\ngap of {length:.0f} µs, then {next_kernel[:70]}")
+        began = [h for h in host if start <= h["ts"] < stop and h["dur"] >= 10]
+        for h in began[:20]:
+            print(f"  +{h['ts'] - start:6.0f} {h['dur']:7.0f}  {h['name'][:100]}")
+
+
+if __name__ == "__main__":
+    main()
