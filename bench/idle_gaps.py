@@ -37,16 +37,8 @@ def build(mode, kind):
 
     model = train_step.VARIANTS["mosaic triton+sparse"]().to("cuda").train()
     batch, _ = train_step.make_batch(kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def call():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return call, 2
+    opt = train_step.optimizer(model)
+    return lambda: train_step.mlm_step(model, batch, opt), 2
 
 
 def main():

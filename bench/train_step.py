@@ -112,9 +112,30 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+def mlm_step(model, batch, opt, mark=None):
+    """One training step as every training benchmark here times it: bf16 autocast forward, backward, fused AdamW.
+    `mark(i)`, if given, is called at the step's start (0), after the forward (1), the backward (2) and the
+    optimizer (3). Returns the loss, detached."""
+    mark = mark or (lambda i: None)
+    mark(0)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    mark(1)
+    loss.backward()
+    mark(2)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mark(3)
+    return loss.detach()
+
+
 def train_steps(model, batch, steps, warmup):
     model.to(DEVICE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = optimizer(model)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = []
@@ -122,12 +143,7 @@ def train_steps(model, batch, steps, warmup):
         if i == warmup:
             synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(mlm_step(model, batch, opt))
     synchronize()
     seconds = (time.perf_counter() - t0) / steps
     assert all(torch.isfinite(x) for x in losses), "non-finite loss"

@@ -680,6 +680,14 @@ def test_cpu_forward_reuses_one_gemm_buffer_with_identical_results(monkeypatch):
     torch.testing.assert_close(out.detach(), fresh, rtol=0, atol=0)
 
 
+def force_kernels(monkeypatch, mb):
+    """The fused Triton kernels on CPU for this test, through triton's interpreter (skips without it)."""
+    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
+    if not (ops.HAS_TRITON and ops._INTERPRET):
+        pytest.skip("forcing the kernels on CPU needs triton's interpreter")
+    monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+
+
 def record_layer_norm_argument(monkeypatch, mb, name):
     """Wraps the modeling module's `add_dropout_layer_norm`: the returned list gets keyword `name` of every call
     (None when not passed), in call order."""
@@ -769,11 +777,8 @@ def test_embeddings_add_the_token_type_in_the_layer_norm(monkeypatch, forced_ker
     # give fp32 (the sum's promotion); a hook on the LayerNorm sees the sum it sees unfused.
     model = tiny_model("AutoModel").train()
     mb = package_module(model)
-    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
     if forced_kernels:
-        if not (ops.HAS_TRITON and ops._INTERPRET):
-            pytest.skip("forcing the kernels on CPU needs triton's interpreter")
-        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+        force_kernels(monkeypatch, mb)
     emb = model.embeddings
     with torch.no_grad():
         emb.token_type_embeddings.weight.normal_()  # rows far apart: a dropped or wrong row shows
@@ -819,11 +824,8 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
     # (fp16: the interpreter rounds fp32 -> bf16 toward zero); with output_hidden_states no copies are made.
     model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=3).train()
     mb = package_module(model)
-    ops = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".fused_ops"]
     if forced_kernels:
-        if not (ops.HAS_TRITON and ops._INTERPRET):
-            pytest.skip("forcing the kernels on CPU needs triton's interpreter")
-        monkeypatch.setattr(ops, "DEFAULT_USE_TRITON", True)
+        force_kernels(monkeypatch, mb)
     # the Linears keep their biases (test_training_leaves_linear_biases_to_the_layer_norm covers handing them over)
     monkeypatch.setattr(mb, "fused_kernels_available", lambda tensor: False)
     copies = record_layer_norm_argument(monkeypatch, mb, "copy_dtype")
