@@ -575,14 +575,22 @@ class LayoutPrep:
     """The layout's device work whose sizes do not depend on the input's values (`prepare_layout`), queued before
     the one device read so that its host time overlaps the GPU's work on earlier calls.
 
-    `cu_rows` (b + 1,) int32 offsets of each row's valid tokens; `positions` (b * s + 1,) the flat positions of the
-    valid tokens first, in order (None without a mask); `subset` (b * s + 1,) the computed-token rows of the
-    labelled tokens first (sparse MLM), or None. The counts read with the checks cut the buffers.
+    `cu_rows` (b + 1,) int32 offsets of each row's valid tokens; `first_rows` (b,) the row of each one's first token
+    among the computed tokens (-1 for an empty row); `positions` (b * s + 1,) the flat positions of the valid
+    tokens first, in order (None without a mask); `subset` (b * s + 1,) the computed-token rows of the labelled
+    tokens first (sparse MLM), or None. The counts read with the checks cut the buffers.
     """
 
     cu_rows: torch.Tensor
+    first_rows: torch.Tensor
     positions: torch.Tensor | None
     subset: torch.Tensor | None
+
+
+def first_rows(cu):
+    """(n,) int64 row of each sequence's first token among the computed tokens, from its (n + 1,) offsets; -1 for
+    an empty sequence, which has none."""
+    return torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
 
 
 def prepare_layout(inputs: ModelInputs, attention: str, subset_labels=None) -> LayoutPrep | None:
@@ -608,7 +616,7 @@ def prepare_layout(inputs: ModelInputs, attention: str, subset_labels=None) -> L
             labelled = labelled & valid
             rows = torch.cumsum(valid, 0) - 1
         subset = scatter_by_rank(labelled, rows)
-    return LayoutPrep(cu_rows, positions, subset)
+    return LayoutPrep(cu_rows, first_rows(cu_rows), positions, subset)
 
 
 def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
@@ -644,8 +652,7 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
     sequences = VarlenSequences(cu, max_seqlen)
     if attention == "torch":
         sequences.build_buckets()
-    # First token of each sequence, as a row of the computed tokens; an empty sequence has none (-1).
-    first_index = torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
+    first_index = prep.first_rows if prep is not None and cu is prep.cu_rows else first_rows(cu)
     return TokenLayout(b, s, indices, sequences, attention, first_index, inputs.packed)
 
 
@@ -664,8 +671,7 @@ def _dense_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
         marks = torch.zeros(s + 1, dtype=torch.bool, device=device)
         starts = starts | marks.index_fill(0, inputs.cu_seqlens[:-1].long(), True)[None, :s]
     if inputs.cu_seqlens is not None:  # one row: flat positions are the offsets; an empty document has none
-        cu = inputs.cu_seqlens
-        first_index = torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
+        first_index = first_rows(inputs.cu_seqlens)
     elif inputs.packed:
         first_index = torch.nonzero(starts.flatten()).flatten()
     else:  # each row's first valid token: the first maximum of `valid`

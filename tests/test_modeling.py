@@ -79,6 +79,9 @@ def test_layout_prepared_before_the_read_matches_plain_indexing(rows, with_label
     assert prep.cu_rows.dtype == torch.int32
     assert prep.cu_rows.tolist() == [0] + torch.cumsum(mask.sum(-1), 0).tolist()
     layout = mb.build_layout(inputs, "torch")
+    # each row's first token, as a row of the computed tokens (-1 for an empty row)
+    counts = mask.sum(-1).tolist()
+    assert layout.first_index.tolist() == [sum(counts[:i]) if counts[i] else -1 for i in range(b)]
     if total == b * s:
         assert layout.indices is None
     else:
