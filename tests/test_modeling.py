@@ -96,6 +96,43 @@ def test_layout_prepared_before_the_read_matches_plain_indexing(rows, with_label
         assert prep.subset is None
 
 
+def test_forward_queues_the_layout_before_the_read_and_only_cuts_it_after(monkeypatch):
+    # The one device read waits for the GPU's earlier work; the layout's device work must be queued before it (its
+    # host time then overlaps that work), and after it nothing is computed again: unpadding and the labelled
+    # tokens' indices come from the prepared buffers. Outputs as without the preparation.
+    model = tiny_model("AutoModelForMaskedLM").train()
+    mb = package_module(model)
+    ids, mask = ragged_batch([9, 4, 7])
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, ::2] = -100
+    torch.manual_seed(0)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels)
+    order = []
+    real_prepare, real_tolist = mb.prepare_layout, torch.Tensor.tolist
+
+    def prepare(*args, **kwargs):
+        order.append("prepare")
+        return real_prepare(*args, **kwargs)
+
+    def tolist(tensor):
+        order.append("read")
+        return real_tolist(tensor)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("the layout was computed again after the read")
+
+    monkeypatch.setattr(mb, "prepare_layout", prepare)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(mb, "unpad_input", recomputed)
+    monkeypatch.setattr(mb, "valid_token_indices", recomputed)
+    torch.manual_seed(0)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    assert order[:2] == ["prepare", "read"]  # (the plain path, CPU, reads its bucket lengths later)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+
+
 def test_scatter_by_rank_puts_flagged_values_first_in_order():
     mb = package_module(tiny_model())
     bp = sys.modules[mb.__name__.rsplit(".", 1)[0] + ".bert_padding"]
