@@ -593,25 +593,29 @@ def first_rows(cu):
     return torch.where(cu[1:] > cu[:-1], cu[:-1].long(), -1)
 
 
+def _full_rows(b, s, device):
+    """(b + 1,) int32 row offsets of a batch without padding."""
+    return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+
+
 def prepare_layout(inputs: ModelInputs, attention: str, subset_labels=None) -> LayoutPrep | None:
     """`LayoutPrep` for the unpadded layouts; None for the padded one (`DenseSequences`), which needs nothing read."""
     if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
         return None
     b, s = inputs.batch_size, inputs.seqlen
     device = inputs.device
-    every = torch.arange(b * s, device=device)
     if inputs.attention_mask is None:
         valid, positions = None, None
-        cu_rows = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+        cu_rows = _full_rows(b, s, device)
     else:
         valid = (inputs.attention_mask != 0).reshape(-1)
         cu_rows = cu_seqlens_from_lengths(valid.view(b, s).sum(-1, dtype=torch.int32))
-        positions = scatter_by_rank(valid, every)
+        positions = scatter_by_rank(valid, torch.arange(b * s, device=device))
     subset = None
     if subset_labels is not None:
         labelled = subset_labels.reshape(-1) != IGNORE_INDEX
         if valid is None:
-            rows = every
+            rows = torch.arange(b * s, device=device)
         else:  # each valid position's row among the computed tokens (its own position when nothing is padding)
             labelled = labelled & valid
             rows = torch.cumsum(valid, 0) - 1
@@ -633,7 +637,7 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
         cu_rows = prep.cu_rows
         indices = None if mask is None or inputs.total == b * s else prep.positions[: inputs.total]
     elif mask is None:
-        indices, cu_rows = None, torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=inputs.device)
+        indices, cu_rows = None, _full_rows(b, s, inputs.device)
     else:  # tracing: the count is not read, the positions are (nonzero, a data-dependent size)
         _, indices, cu_rows, _ = unpad_input(mask[..., None], mask, inputs.total)
     max_seqlen = s
