@@ -637,19 +637,19 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
 LAYER_NORM_BWD_PROGRAMS_PER_SM = 16
 
 
-def _layer_norm_bwd_programs(n_rows, device):
+def _layer_norm_bwd_programs(device):
     """Programs of the LayerNorm backward: LAYER_NORM_BWD_PROGRAMS_PER_SM per SM on a GPU, 4 under the
-    interpreter (to test the row loop); never more than rows."""
-    programs = LAYER_NORM_BWD_PROGRAMS_PER_SM * _sm_count(device) if device.type == "cuda" else 4
-    return max(1, min(n_rows, programs))
+    interpreter (to test the row loop). Not bounded by the rows (a program without rows writes zero partial sums):
+    the partial sums' shape must not depend on the row count, which a compiled graph may only know at run time."""
+    return LAYER_NORM_BWD_PROGRAMS_PER_SM * _sm_count(device) if device.type == "cuda" else 4
 
 
 def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=None,
                                      x_bias=None):
     """Shapes as in the forward; grad_out: (..., n); grad_copy: the gradient of the forward's copy, or None. Returns
-    d_x (x's dtype), d_residual (residual's dtype; an empty tensor when residual is None), d_weight, d_bias, d_x_bias
-    (their parameters' dtypes, reduced in fp32; d_x_bias an empty tensor when x_bias is None), for the sum of the
-    two output gradients."""
+    d_x (x's dtype), d_residual (residual's dtype; an empty tensor when residual is None) and the fp32 partial sums
+    of d_weight, d_bias and d_x_bias (the last only with x_bias), one row of each per program: (2 or 3, programs,
+    n), for the sum of the two output gradients. `_layer_norm_param_grads` reduces them, all in one reduction."""
     _require_triton()
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -658,32 +658,34 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
     else:
         dres = torch.empty((0,), dtype=x.dtype, device=x.device)
     n_rows = x.numel() // n_cols if n_cols else 0
+    programs = _layer_norm_bwd_programs(x.device)
+    partials = torch.empty((2 if x_bias is None else 3, programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        dxb = torch.zeros_like(x_bias) if x_bias is not None else x.new_empty((0,))
-        return dx, dres, torch.zeros_like(weight), torch.zeros_like(bias), dxb
+        return dx, dres, partials.zero_()
     x2, g2, dx2 = _rows(x), _rows(grad_out), dx.view(-1, n_cols)
     c2 = _rows(grad_copy) if grad_copy is not None else g2
     r2 = _rows(residual) if residual is not None else x2
     dr2 = dres.view(-1, n_cols) if residual is not None else dx2
     has_dropout = seed is not None and dropout_p > 0.0
-    programs = _layer_norm_bwd_programs(n_rows, x.device)
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    dxb_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if x_bias is not None else None
     block, num_warps = _layer_norm_launch_config(n_cols)
     with device_context(x):
         launch(
             _add_dropout_layer_norm_bwd_kernel, (programs, 1, 1),
             (g2, c2, x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), mean.reshape(-1),
-             rstd.reshape(-1), seed if has_dropout else x2, dx2, dr2, dw_partial, db_partial,
-             db_partial if dxb_partial is None else dxb_partial,
+             rstd.reshape(-1), seed if has_dropout else x2, dx2, dr2, partials[0], partials[1], partials[-1],
              g2.stride(0), c2.stride(0), x2.stride(0), r2.stride(0), dx2.stride(0), dr2.stride(0),
              n_rows, n_cols, cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p)),
             x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             HAS_DCOPY=grad_copy is not None, HAS_XBIAS=x_bias is not None, BLOCK_N=block, num_warps=num_warps,
         )
-    dxb = dxb_partial.sum(0).to(x_bias.dtype) if x_bias is not None else x.new_empty((0,))
-    return dx, dres, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype), dxb
+    return dx, dres, partials
+
+
+def _layer_norm_param_grads(partials, weight, bias, x_bias):
+    """d_weight, d_bias, d_x_bias (None without x_bias) in their parameters' dtypes from the backward's partial
+    sums: one reduction over the programs for all of them."""
+    sums = partials.sum(1)
+    return sums[0].to(weight.dtype), sums[1].to(bias.dtype), None if x_bias is None else sums[2].to(x_bias.dtype)
 
 
 def _cross_entropy_block(n_cols):
@@ -815,7 +817,8 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         rstd: torch.Tensor,
         seed: Optional[torch.Tensor],
         dropout_p: float,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (d_x, d_residual, the parameters' partial sums); the autograd formula reduces the partial sums
         return _add_dropout_layer_norm_backward(
             grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy, x_bias=x_bias
         )
@@ -823,8 +826,9 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
     @_add_dropout_layer_norm_bwd_op.register_fake
     def _(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed, dropout_p):
         dres = torch.empty_like(residual) if residual is not None else x.new_empty((0,))
-        dxb = torch.empty_like(x_bias) if x_bias is not None else x.new_empty((0,))
-        return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(bias), dxb
+        programs = _layer_norm_bwd_programs(x.device)
+        partials = x.new_empty((2 if x_bias is None else 3, programs, x.shape[-1]), dtype=torch.float32)
+        return torch.empty_like(x), dres, partials
 
     def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
         x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
@@ -838,14 +842,12 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
 
     def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
         x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        dx, dres, dw, db, dxb = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
+        dx, dres, partials = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
             grad_out, grad_copy if ctx.has_copy else None, x, x_bias, residual, weight, bias, mean, rstd, seed,
             ctx.dropout_p,
         )
-        return (
-            dx, dxb if ctx.has_x_bias else None, dres if ctx.has_residual else None, dw, db,
-            None, None, None, None, None,
-        )
+        dw, db, dxb = _layer_norm_param_grads(partials, weight, bias, x_bias)
+        return dx, dxb, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
 
     _add_dropout_layer_norm_fwd_op.register_autograd(
         _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context

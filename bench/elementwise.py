@@ -62,8 +62,9 @@ def cases(ops, rows, p):
         ("gated GELU bwd", lambda: ops._gated_gelu_backward(glu_grad, glu_in, seed, p), 5 * glu_bytes),
         ("add+LN fwd", lambda: ops._add_dropout_layer_norm_forward(x, residual, weight, bias, seed, 1e-12, p, fp32),
          ln_bytes * (2 + 4 + 4)),
-        ("add+LN bwd", lambda: ops._add_dropout_layer_norm_backward(ln_grad, x, residual, weight, bias, mean, rstd,
-                                                                    seed, p), ln_bytes * (4 + 2 + 4 + 2 + 4)),
+        ("add+LN bwd", lambda: ops._layer_norm_param_grads(
+            ops._add_dropout_layer_norm_backward(ln_grad, x, residual, weight, bias, mean, rstd, seed, p)[2],
+            weight, bias, None), ln_bytes * (4 + 2 + 4 + 2 + 4)),
     ]
 
 
