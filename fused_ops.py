@@ -294,7 +294,7 @@ if HAS_TRITON:
     @triton.jit
     def _gated_linear_gelu_kernel(
         x_desc,  # (t, n) TMA descriptor, blocks (BLOCK_M, BLOCK_K)
-        gate_desc, value_desc,  # (i, n) each: the first and second halves of the (2 * i, n) weight, (BLOCK_N, BLOCK_K)
+        w_desc,  # the (2, i, n) view of the (2 * i, n) weight (gate rows, value rows), blocks (2, BLOCK_N, BLOCK_K)
         out_desc,  # (t, i), blocks (BLOCK_M, BLOCK_N)
         t, inter, hidden,
         num_programs,  # the grid's size
@@ -302,23 +302,24 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr,
     ):
         # Persistent grid: num_programs programs walk the (BLOCK_M, BLOCK_N) output tiles, GROUP_M row blocks at a
-        # time so the weight tiles they share stay in L2. Each tile accumulates x @ W_gate^T and x @ W_value^T
-        # from the same x blocks and writes GELU(gate) * value: the (t, 2 * i) GEMM output never reaches memory.
+        # time so the weight tiles they share stay in L2. One load brings a tile's BLOCK_N gate rows and the matching
+        # value rows, and one dot of width 2 * BLOCK_N computes [x W_gate^T | x W_value^T] from the same x block;
+        # the epilogue writes GELU(gate) * value, so the (t, 2 * i) GEMM output never reaches memory. The tile and
+        # k loops are pipelined as one (flatten), so the next tile's loads overlap this tile's epilogue.
         # TMA zero-fills loads past the edges and clips the store, so t, i and n need no multiple of a block.
         num_m = tl.cdiv(t, BLOCK_M)
         num_n = tl.cdiv(inter, BLOCK_N)
         tiles_per_group = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs, flatten=True):
             first_m = (tile // tiles_per_group) * GROUP_M
             group_rows = tl.minimum(num_m - first_m, GROUP_M)
             row0 = (first_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
             col0 = ((tile % tiles_per_group) // group_rows) * BLOCK_N
-            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k in range(0, hidden, BLOCK_K):
-                a = x_desc.load([row0, k])
-                gate = tl.dot(a, gate_desc.load([col0, k]).T, gate, input_precision=DOT_PRECISION)
-                value = tl.dot(a, value_desc.load([col0, k]).T, value, input_precision=DOT_PRECISION)
+                w = w_desc.load([0, col0, k]).reshape(2 * BLOCK_N, BLOCK_K)
+                acc = tl.dot(x_desc.load([row0, k]), w.T, acc, input_precision=DOT_PRECISION)
+            gate, value = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
             out_desc.store([row0, col0], _gelu_times(gate, value).to(out_desc.dtype))
 
     @triton.jit
@@ -491,15 +492,13 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
 
 
 def _gated_linear_config(rows):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) of the gated GEMM. Measured on an H100 (bf16,
-    n = 768, i = 3072; BENCHMARKS.md): 128 x 128 tiles (two fp32 accumulators each) from 2048 rows, 64 x 64 below,
-    where 128-row tiles leave most SMs idle. Under the interpreter, 16-wide tiles so test sizes cross several tiles,
-    a ragged edge and the persistent loop."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) of the persistent TMA gated GEMM, which runs
+    from `GATED_GEMM_TMA_ROWS` rows. Measured on an H100 (bf16, n = 768, i = 3072; BENCHMARKS.md): 128 x 128 output
+    tiles, each one 128 x 256 accumulator (gate and value side by side). Under the interpreter, 16-wide tiles so
+    test sizes cross several tiles, a ragged edge and the persistent loop."""
     if _INTERPRET:
         return 16, 16, 16, 2, 1, 1
-    if rows >= 2048:
-        return 128, 128, 64, 8, 3, 8
-    return 64, 64, 64, 8, 4, 4
+    return 128, 128, 64, 16, 4, 8
 
 
 _SM_COUNTS = {}
@@ -566,15 +565,12 @@ def _gated_linear_gelu_forward(x, weight):
     rows = x2.shape[0]
     dot_precision = "ieee" if x.dtype == torch.float32 else None
     with device_context(x):
-        if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(
-            x2, gate_w := weight[:inter], value_w := weight[inter:], out2
-        ):
+        if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(x2, weight, out2):
             block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
             programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
             _gated_linear_gelu_kernel[(programs,)](
                 TensorDescriptor.from_tensor(x2, [block_m, block_k]),
-                TensorDescriptor.from_tensor(gate_w, [block_n, block_k]),
-                TensorDescriptor.from_tensor(value_w, [block_n, block_k]),
+                TensorDescriptor.from_tensor(weight.unflatten(0, (2, inter)), [2, block_n, block_k]),
                 TensorDescriptor.from_tensor(out2, [block_m, block_n]),
                 rows, inter, hidden, programs,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, DOT_PRECISION=dot_precision,

@@ -37,11 +37,12 @@ def pointer_kernel(x, w, config):
     return out
 
 
-# TMA kernel configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps) for --tma-sweep. Tried and dropped
-# (BENCHMARKS.md, 2026-12-06): flattening the tile and k loops (tl.range(flatten=True)) and storing the tile in two
-# halves, both slower at 8192 and 32768 rows; 64- and 256-row tiles, BLOCK_K 32 and 128.
-TMA_CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 4, 3, 8), (128, 128, 64, 16, 3, 8), (128, 128, 64, 8, 4, 8),
-               (128, 128, 64, 8, 2, 8), (128, 64, 64, 8, 4, 4)]
+# TMA kernel configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps) for --tma-sweep; each tile is one
+# (BLOCK_M, 2 * BLOCK_N) accumulator. Tried and dropped (BENCHMARKS.md, 2026-12-06): two (BLOCK_M, BLOCK_N) dots a
+# k-step instead of one, unflattened loops, storing the tile in two halves, warp specialization; 64- and 256-row
+# tiles, BLOCK_K 32 and 128.
+TMA_CONFIGS = [(128, 128, 64, 16, 4, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8),
+               (128, 64, 64, 8, 4, 8)]
 
 
 def tma_kernel(x, w, config=None):

@@ -720,8 +720,9 @@ def test_gated_linear_gelu_kernel_matches_reference(gemm_launches, gemm_kernel, 
 def test_gated_linear_gelu_leading_dims_and_strided_rows(gemm_launches, gemm_kernel):
     x, weight = linear_inputs(12, 32, 24, torch.float32)
     wide = torch.cat([x, rand(12, 8, seed=9)], dim=1)[:, :32]  # rows 160 bytes apart: both kernels read in place
+    wide_weight = torch.cat([weight, rand(48, 8, seed=10)], dim=1)[:, :32]  # the weight's rows, too
     with torch.no_grad():
-        out = gated_linear_gelu(wide.view(3, 4, 32)[:, :3], weight, use_triton=True)
+        out = gated_linear_gelu(wide.view(3, 4, 32)[:, :3], wide_weight, use_triton=True)
     assert gemm_launches == [gemm_kernel] and out.shape == (3, 3, 24)
     expected = gated_linear_gelu_reference(wide.view(3, 4, 32)[:, :3].reshape(-1, 32), weight).view(3, 3, 24)
     assert_close(out, expected, torch.float32, "out")
