@@ -491,13 +491,15 @@ def _gated_gelu_backward(grad_out, x, seed=None, dropout_p=0.0):
     return dx
 
 
-def _gated_linear_config(rows):
+def _gated_linear_config(rows, dtype=torch.bfloat16):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) of the persistent TMA gated GEMM, which runs
     from `GATED_GEMM_TMA_ROWS` rows. Measured on an H100 (bf16, n = 768, i = 3072; BENCHMARKS.md): 128 x 128 output
     tiles, each one 128 x 256 accumulator (gate and value side by side). Under the interpreter, 16-wide tiles so
     test sizes cross several tiles, a ragged edge and the persistent loop."""
     if _INTERPRET:
         return 16, 16, 16, 2, 1, 1
+    if dtype == torch.float32:  # forced fp32 (use_triton=True): tiles whose pipeline fits the shared memory
+        return 64, 64, 32, 8, 3, 4
     return 128, 128, 64, 16, 4, 8
 
 
@@ -566,7 +568,7 @@ def _gated_linear_gelu_forward(x, weight):
     dot_precision = "ieee" if x.dtype == torch.float32 else None
     with device_context(x):
         if rows >= GATED_GEMM_TMA_ROWS and TensorDescriptor is not None and _tma_compatible(x2, weight, out2):
-            block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows)
+            block_m, block_n, block_k, group_m, num_stages, num_warps = _gated_linear_config(rows, x.dtype)
             programs = min(cdiv(rows, block_m) * cdiv(inter, block_n), _sm_count(x.device))
             _gated_linear_gelu_kernel[(programs,)](
                 TensorDescriptor.from_tensor(x2, [block_m, block_k]),

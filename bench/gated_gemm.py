@@ -49,7 +49,7 @@ def tma_kernel(x, w, config=None):
     saved = fused_ops.GATED_GEMM_TMA_ROWS, fused_ops._gated_linear_config
     fused_ops.GATED_GEMM_TMA_ROWS = 0
     if config is not None:
-        fused_ops._gated_linear_config = lambda rows: config
+        fused_ops._gated_linear_config = lambda rows, dtype=None: config
     try:
         return fused_ops._gated_linear_gelu_forward(x, w)
     finally:
