@@ -7,8 +7,9 @@
 Every model is the encoder (`AutoModel`, no head) at random init, cast to bf16, and runs under `inference_mode` on
 the same padded batches (ids uniform in [1000, vocab), right padding): fixed 128 x 256 sequences, ragged 32-512 x
 128, ragged 8-128 x 512 (throughput), and batch 1 x 128, batch 8 of 16-256 (latency). Models: ours eager and
-`torch.compile`d (default mode; also mode="reduce-overhead" on the latency rows), transformers' BertModel with
-sdpa attention, eager and compiled, ModernBERT-base with sdpa, eager and compiled. A model whose build or forward
+`torch.compile`d (default mode; also mode="reduce-overhead", CUDA graphs, on the latency rows and the fixed-length
+row), transformers' BertModel with sdpa attention, eager and compiled the same ways, ModernBERT-base with sdpa,
+eager and compiled. A model whose build or forward
 fails is reported with the error and the rest still run.
 
 Timing: per row, warm-up calls first (for a compiled model they include compiling, reported as `warmup_s` and not
@@ -113,14 +114,15 @@ def eager(build):
     return build_eager
 
 
-# name -> (builder returning (module, callable), rows it runs on: "all" or "latency")
+# name -> (builder returning (module, callable), rows it runs on: "all", or "graphs": the latency rows and the
+# fixed-length row, whose shapes repeat from call to call as CUDA graphs need)
 VARIANTS = {
     "mosaic eager": (eager(ours), "all"),
     "mosaic compile": (compiled(ours, fullgraph=True), "all"),
-    "mosaic compile reduce-overhead": (compiled(ours, "reduce-overhead", fullgraph=True), "latency"),
+    "mosaic compile reduce-overhead": (compiled(ours, "reduce-overhead", fullgraph=True), "graphs"),
     "BERT sdpa eager": (eager(hf_bert), "all"),
     "BERT sdpa compile": (compiled(hf_bert), "all"),
-    "BERT sdpa compile reduce-overhead": (compiled(hf_bert, "reduce-overhead"), "latency"),
+    "BERT sdpa compile reduce-overhead": (compiled(hf_bert, "reduce-overhead"), "graphs"),
     "ModernBERT sdpa eager": (eager(modernbert), "all"),
     "ModernBERT sdpa compile": (compiled(modernbert), "all"),
 }
@@ -297,7 +299,7 @@ def main():
     for name, (build, which) in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        row_names = [r for r in rows if which == "all" or ROWS[r][0] == "latency"]
+        row_names = [r for r in rows if which == "all" or ROWS[r][0] == "latency" or r.startswith("fixed")]
         if row_names:
             run_variant(name, build, row_names, args, results)
     add_ratios(results)
