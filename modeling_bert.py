@@ -451,7 +451,10 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
     if cu_seqlens is not None:
         cu_seqlens = _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device)
 
-    if tracing():  # a traced graph cannot raise on values
+    if tracing():  # a traced graph cannot read values back: under torch.compile they are asserted on the device
+        if not exporting():
+            _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask, cu_seqlens, max_seqlen,
+                              label_checks)
         return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
                            cu_seqlens, max_seqlen, None)
     checks = []
@@ -512,6 +515,42 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
     labelled = read[0] if subset_labels is not None else None
     return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
                        cu_seqlens, max_seqlen, total, labelled, prepared)
+
+
+def _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask, cu_seqlens, max_seqlen,
+                      label_checks):
+    """The value checks of `validate_inputs` inside a compiled graph, which cannot read values back: one
+    `torch._assert_async` over all of them, so a bad batch fails (a RuntimeError on CPU, a device-side assert on
+    a GPU) instead of giving wrong numbers. Its message cannot name the bad value; the same batch run eagerly
+    raises the ValueError that does."""
+    ok = []
+
+    def in_range(tensor, low, high, ignore=None):
+        inside = (tensor >= low) & (tensor < high)
+        ok.append((inside if ignore is None else inside | (tensor == ignore)).all())
+
+    if input_ids is not None:
+        in_range(input_ids, 0, config.vocab_size)
+    if token_type_ids is not None:
+        in_range(token_type_ids, 0, config.type_vocab_size)
+    for _, tensor, low, high, ignore in label_checks:
+        if tensor is not None and tensor.numel():
+            in_range(tensor, low, high, ignore)
+    if attention_mask is not None:
+        ok.append(((attention_mask == 0) | (attention_mask == 1)).all() & (attention_mask != 0).any())
+    if cu_seqlens is not None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        ok.append((cu_seqlens[0] == 0) & (cu_seqlens[-1] == seqlen) & (lengths >= 0).all())
+        if max_seqlen is not None:
+            ok.append((lengths <= int(max_seqlen)).all())
+    if ok:
+        torch._assert_async(
+            torch.stack(ok).all(),
+            "MosaicBERT: an input value is out of range inside torch.compile (ids outside the vocabulary or the "
+            "token types, labels outside their classes (other than -100), an attention_mask that is not 0/1 or is "
+            "all zeros, or cu_seqlens not rising from 0 to the input length). Run the batch without compiling for "
+            "the error that names it.",
+        )
 
 
 def _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device):

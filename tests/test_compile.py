@@ -55,3 +55,30 @@ def test_fullgraph_compile_matches_eager_forward_and_gradients(dynamic_shapes, a
     assert len(grads) == len(c_grads)
     for a, b in zip(c_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["additive mask", "all-zero mask", "id past the vocabulary", "negative token type", "label past the vocabulary"],
+)
+def test_compiled_model_fails_on_bad_values_instead_of_answering(dynamic_shapes, bad):
+    # A compiled graph cannot read values back to raise the eager ValueError; the checks run on the device and a
+    # bad batch fails with the assert's message rather than giving wrong numbers
+    model = tiny_model("AutoModelForMaskedLM")
+    kwargs = _batch(with_labels=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(**kwargs)  # a good batch runs
+    ids, mask, labels = kwargs["input_ids"].clone(), kwargs["attention_mask"].clone(), kwargs["labels"].clone()
+    if bad == "additive mask":
+        mask = (1 - mask) * -10000
+    elif bad == "all-zero mask":
+        mask = torch.zeros_like(mask)
+    elif bad == "id past the vocabulary":
+        ids[0, 1] = model.config.vocab_size
+    elif bad == "label past the vocabulary":
+        labels[1, 0] = model.config.vocab_size + 3
+    token_type_ids = torch.full_like(ids, -1) if bad == "negative token type" else None
+    with pytest.raises(ValueError):  # eagerly: the error that names the value
+        model(input_ids=ids, attention_mask=mask, labels=labels, token_type_ids=token_type_ids)
+    with pytest.raises(RuntimeError, match="out of range inside torch.compile"):
+        compiled(input_ids=ids, attention_mask=mask, labels=labels, token_type_ids=token_type_ids)
