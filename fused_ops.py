@@ -19,6 +19,7 @@ imported) the kernels also run on CPU tensors, slowly; that path is never chosen
 """
 
 import contextlib
+import inspect
 import os
 import threading
 from typing import Optional, Tuple
@@ -44,6 +45,10 @@ except ImportError:
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
+    TensorDescriptor = None
+# ...and pipelines its tile and k loops as one, with `tl.range(flatten=True)`, which not every triton release has:
+# without either, the gated GEMM runs as the pointer-load kernel at every size
+if TensorDescriptor is not None and "flatten" not in inspect.signature(tl.range).parameters:
     TensorDescriptor = None
 
 __all__ = [
