@@ -160,3 +160,43 @@ def test_fullgraph_compile_with_the_kernels_matches_eager():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
     rel = ((results[1][1] - results[0][1]).norm() / results[0][1].norm()).item()
     assert rel < 3e-2, rel
+
+
+_BAD_BATCH_UNDER_COMPILE = """
+import sys, torch, torch._dynamo
+sys.path.insert(0, sys.argv[1])
+from conftest import ragged_batch, tiny_model
+torch._dynamo.config.capture_dynamic_output_shape_ops = True
+torch._dynamo.config.capture_scalar_outputs = True
+model = tiny_model(hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=1000).cuda().eval()
+ids, mask = ragged_batch([64, 40, 64, 7], 1000, device="cuda")
+compiled = torch.compile(model, fullgraph=True)
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    good = compiled(input_ids=ids, attention_mask=mask).logits.float()
+    ref = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert ((good - ref).norm() / ref.norm()).item() < 3e-2
+    print("GOOD BATCH OK", flush=True)
+    out = compiled(input_ids=ids, attention_mask=(1 - mask) * -10000).logits
+    torch.cuda.synchronize()
+    print("BAD BATCH GAVE AN ANSWER", flush=True)
+"""
+
+
+def test_compiled_model_on_the_gpu_fails_on_a_bad_batch():
+    # In a compiled graph the value checks are a device-side assert, which leaves the process's CUDA context
+    # unusable: the bad batch runs in a process of its own. An additive mask must fail, not give numbers.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tiny_model(vocab_size=1000)
+    if not package_module(model).HAS_TRITON:
+        pytest.skip("triton is not installed")
+    done = subprocess.run([sys.executable, "-c", _BAD_BATCH_UNDER_COMPILE, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600)
+    assert "GOOD BATCH OK" in done.stdout, done.stderr[-3000:]
+    assert "BAD BATCH GAVE AN ANSWER" not in done.stdout
+    assert done.returncode != 0
+    assert "out of range inside torch.compile" in done.stderr or "device-side assert" in done.stderr, (
+        done.stderr[-3000:]
+    )
