@@ -542,7 +542,7 @@ def _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask,
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         ok.append((cu_seqlens[0] == 0) & (cu_seqlens[-1] == seqlen) & (lengths >= 0).all())
         if max_seqlen is not None:
-            ok.append((lengths <= int(max_seqlen)).all())
+            ok.append((lengths <= max_seqlen).all())
     if ok:
         torch._assert_async(
             torch.stack(ok).all(),

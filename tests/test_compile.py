@@ -82,3 +82,26 @@ def test_compiled_model_fails_on_bad_values_instead_of_answering(dynamic_shapes,
         model(input_ids=ids, attention_mask=mask, labels=labels, token_type_ids=token_type_ids)
     with pytest.raises(RuntimeError, match="out of range inside torch.compile"):
         compiled(input_ids=ids, attention_mask=mask, labels=labels, token_type_ids=token_type_ids)
+
+
+@pytest.mark.parametrize("bad", [None, "decreasing", "past the input", "max_seqlen too small"])
+def test_compiled_packed_input_checks_cu_seqlens_on_the_device(dynamic_shapes, bad):
+    model = tiny_model("AutoModelForMaskedLM")
+    ids = torch.randint(5, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    cu_seqlens, max_seqlen = torch.tensor([0, 5, 12], dtype=torch.int32), 7
+    if bad == "decreasing":
+        cu_seqlens = torch.tensor([0, 8, 5, 12], dtype=torch.int32)
+    elif bad == "past the input":
+        cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32)
+    elif bad == "max_seqlen too small":
+        max_seqlen = 6
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    if bad is None:  # a good packed input runs, and gives the eager answer
+        expected = model(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).logits
+        got = compiled(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return
+    with pytest.raises(ValueError):
+        model(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    with pytest.raises(RuntimeError, match="out of range inside torch.compile"):
+        compiled(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
