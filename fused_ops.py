@@ -297,6 +297,18 @@ if HAS_TRITON:
             tl.store(DXBPartial + pid * n_cols + cols, dxb, mask=mask)
 
     @triton.jit
+    def _grouped_tile(tile, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # (first row, first column) of output tile number `tile` of a (rows, cols) output in (BLOCK_M, BLOCK_N)
+        # tiles, numbered GROUP_M row blocks at a time, column by column inside a group: consecutive tiles share
+        # their weight columns while they are in L2
+        num_m = tl.cdiv(rows, BLOCK_M)
+        tiles_per_group = GROUP_M * tl.cdiv(cols, BLOCK_N)
+        first_m = (tile // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        return ((first_m + (tile % tiles_per_group) % group_rows) * BLOCK_M,
+                ((tile % tiles_per_group) // group_rows) * BLOCK_N)
+
+    @triton.jit
     def _gated_linear_gelu_kernel(
         x_desc,  # (t, n) TMA descriptor, blocks (BLOCK_M, BLOCK_K)
         w_desc,  # the (2, i, n) view of the (2 * i, n) weight (gate rows, value rows), blocks (2, BLOCK_N, BLOCK_K)
@@ -312,14 +324,9 @@ if HAS_TRITON:
         # the epilogue writes GELU(gate) * value, so the (t, 2 * i) GEMM output never reaches memory. The tile and
         # k loops are pipelined as one (flatten), so the next tile's loads overlap this tile's epilogue.
         # TMA zero-fills loads past the edges and clips the store, so t, i and n need no multiple of a block.
-        num_m = tl.cdiv(t, BLOCK_M)
-        num_n = tl.cdiv(inter, BLOCK_N)
-        tiles_per_group = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs, flatten=True):
-            first_m = (tile // tiles_per_group) * GROUP_M
-            group_rows = tl.minimum(num_m - first_m, GROUP_M)
-            row0 = (first_m + (tile % tiles_per_group) % group_rows) * BLOCK_M
-            col0 = ((tile % tiles_per_group) // group_rows) * BLOCK_N
+        num_tiles = tl.cdiv(t, BLOCK_M) * tl.cdiv(inter, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            row0, col0 = _grouped_tile(tile, t, inter, BLOCK_M, BLOCK_N, GROUP_M)
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k in range(0, hidden, BLOCK_K):
                 w = w_desc.load([0, col0, k]).reshape(2 * BLOCK_N, BLOCK_K)

@@ -79,3 +79,20 @@ def test_eval_length_prints_one_row_per_length(tmp_path):
     for line in table:
         loss, accuracy = float(line.split("|")[3]), float(line.split("|")[4].strip().rstrip("%"))
         assert loss > 0 and 0 <= accuracy <= 100
+
+
+def test_gated_gemm_variants_smoke_checks_every_design(tmp_path):
+    # Every design of the gated GEMM benchmark against float64, in the interpreter (ragged edges, fp32 and fp16)
+    sys.path.insert(0, str(REPO))
+    import fused_ops
+
+    if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
+        pytest.skip("needs triton with host TMA descriptors and tl.range(flatten=...)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "bench/gated_gemm_variants.py", "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "max error" in line]
+    import gated_gemm_variants
+
+    assert len(lines) == 2 * len(gated_gemm_variants.DESIGNS) and all(line.endswith("ok") for line in lines)
