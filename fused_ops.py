@@ -645,6 +645,9 @@ def _add_dropout_layer_norm_forward(x, residual, weight, bias, seed, eps, dropou
 # (without / with dropout), 4: 172 / 199, 8: 184 / 204, 16: 171 / 185 (H100, `python bench/elementwise.py
 # --bwd-programs 2 4 16`, BENCHMARKS.md 2026-12-06).
 LAYER_NORM_BWD_PROGRAMS_PER_SM = 16
+# Software-pipelining depth of the LayerNorm backward's row loop (the launch's num_stages; None: Triton's default),
+# swept by `python bench/elementwise.py --bwd-stages 1 2 3 4`.
+LAYER_NORM_BWD_NUM_STAGES = None
 
 
 def _layer_norm_bwd_programs(device):
@@ -687,6 +690,7 @@ def _add_dropout_layer_norm_backward(grad_out, x, residual, weight, bias, mean, 
              n_rows, n_cols, cdiv(n_rows, programs), float(dropout_p), _dropout_scale(dropout_p)),
             x.device.index, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=has_dropout,
             HAS_DCOPY=grad_copy is not None, HAS_XBIAS=x_bias is not None, BLOCK_N=block, num_warps=num_warps,
+            **({} if LAYER_NORM_BWD_NUM_STAGES is None else {"num_stages": LAYER_NORM_BWD_NUM_STAGES}),
         )
     return dx, dres, partials
 

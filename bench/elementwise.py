@@ -2,12 +2,13 @@
 forward and backward, with and without dropout, as an MLM training step at 256 x 128 tokens calls them (bf16
 autocast: the GEMM outputs bf16, the LayerNorm's residual and output fp32).
 
-    python bench/elementwise.py [--rows 32768] [--repo PATH ...] [--bwd-programs 2 4 8 16]
+    python bench/elementwise.py [--rows 32768] [--repo PATH ...] [--bwd-programs 2 4 8 16] [--bwd-stages 1 2 3]
                                 [--gelu-configs 1024x4 2048x8 ...] [--loss]
 
 GPU µs per call from a CUDA graph of 20 calls (best of 5 replays) and the bytes each call must move over that
 time (GB/s). `--repo` times the kernels of other checkouts in the same process, side by side; `--bwd-programs`
-also times the LayerNorm backward with that many programs per SM (`fused_ops.LAYER_NORM_BWD_PROGRAMS_PER_SM`).
+also times the LayerNorm backward with that many programs per SM (`fused_ops.LAYER_NORM_BWD_PROGRAMS_PER_SM`),
+`--bwd-stages` with that software-pipelining depth of its row loop (`fused_ops.LAYER_NORM_BWD_NUM_STAGES`).
 `--gelu-configs` also times the gated GELU, forward and backward, with other (BLOCK_N, num_warps) launch configs
 than `fused_ops._gelu_launch_config`'s, written BLOCK_NxWARPS. `--loss` also times the MLM loss, forward +
 backward, on the bf16 logits of 30% of the rows against a 30528-word vocabulary: `fused_ops.cross_entropy(...).sum()`
@@ -108,6 +109,7 @@ def main():
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--repo", nargs="*", default=[], help="other checkouts to time side by side")
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[])
+    parser.add_argument("--bwd-stages", type=int, nargs="*", default=[])
     parser.add_argument("--gelu-configs", nargs="*", default=[], help="gated GELU launch configs, e.g. 2048x8")
     parser.add_argument("--loss", action="store_true", help="also time the MLM loss (cross-entropy)")
     args = parser.parse_args()
@@ -138,6 +140,14 @@ def main():
                 us = gpu_us(fn)
                 print(f"| {name}, {per_sm} programs / SM | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
         ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = saved
+        saved = ops.LAYER_NORM_BWD_NUM_STAGES
+        for stages in args.bwd_stages:
+            ops.LAYER_NORM_BWD_NUM_STAGES = stages
+            for p in (0.0, 0.1):
+                name, fn, nbytes = cases(ops, args.rows, p)[3]
+                us = gpu_us(fn)
+                print(f"| {name}, {stages} stages | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
+        ops.LAYER_NORM_BWD_NUM_STAGES = saved
         saved = ops._gelu_launch_config
         for config in args.gelu_configs:
             block, warps = (int(v) for v in config.split("x"))
