@@ -851,7 +851,6 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         ctx.save_for_backward(x, x_bias, residual, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
         ctx.has_residual = residual is not None
-        ctx.has_x_bias = x_bias is not None
         ctx.has_copy = copy_dtype is not None
 
     def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):

@@ -72,6 +72,22 @@ def cases(ops, rows, p):
     ]
 
 
+def sweep(ops, attribute, settings, rows, kernels):
+    """Time the `cases` at indices `kernels` with `ops.<attribute>` set to each (value, label) of `settings` in
+    turn, with and without dropout; the attribute is restored after."""
+    saved = getattr(ops, attribute)
+    try:
+        for value, label in settings:
+            setattr(ops, attribute, value)
+            for p in (0.0, 0.1):
+                chosen = cases(ops, rows, p)
+                for name, fn, nbytes in (chosen[k] for k in kernels):
+                    us = gpu_us(fn)
+                    print(f"| {name}, {label} | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
+    finally:
+        setattr(ops, attribute, saved)
+
+
 def time_loss(fn, logits, target, repeats=5, calls=10):
     """ms per forward + backward of fn(logits, target) -> scalar loss."""
     best = float("inf")
@@ -132,32 +148,12 @@ def main():
                     cells.append(f"{us:.1f} ({nbytes / us / 1e3:.0f})")
                 print(f"| {name} | {p} | " + " | ".join(cells) + " |", flush=True)
         ops = modules[0]
-        saved = ops.LAYER_NORM_BWD_PROGRAMS_PER_SM
-        for per_sm in args.bwd_programs:
-            ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = per_sm
-            for p in (0.0, 0.1):
-                name, fn, nbytes = cases(ops, args.rows, p)[3]
-                us = gpu_us(fn)
-                print(f"| {name}, {per_sm} programs / SM | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
-        ops.LAYER_NORM_BWD_PROGRAMS_PER_SM = saved
-        saved = ops.LAYER_NORM_BWD_NUM_STAGES
-        for stages in args.bwd_stages:
-            ops.LAYER_NORM_BWD_NUM_STAGES = stages
-            for p in (0.0, 0.1):
-                name, fn, nbytes = cases(ops, args.rows, p)[3]
-                us = gpu_us(fn)
-                print(f"| {name}, {stages} stages | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |", flush=True)
-        ops.LAYER_NORM_BWD_NUM_STAGES = saved
-        saved = ops._gelu_launch_config
-        for config in args.gelu_configs:
-            block, warps = (int(v) for v in config.split("x"))
-            ops._gelu_launch_config = lambda inter, c=(block, warps): c
-            for p in (0.0, 0.1):
-                for name, fn, nbytes in cases(ops, args.rows, p)[:2]:
-                    us = gpu_us(fn)
-                    print(f"| {name}, {block} columns, {warps} warps | {p} | {us:.1f} ({nbytes / us / 1e3:.0f}) |",
-                          flush=True)
-        ops._gelu_launch_config = saved
+        sweep(ops, "LAYER_NORM_BWD_PROGRAMS_PER_SM", [(n, f"{n} programs / SM") for n in args.bwd_programs],
+              args.rows, [3])
+        sweep(ops, "LAYER_NORM_BWD_NUM_STAGES", [(n, f"{n} stages") for n in args.bwd_stages], args.rows, [3])
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.gelu_configs]
+        sweep(ops, "_gelu_launch_config", [(lambda inter, c=c: c, f"{c[0]} columns, {c[1]} warps") for c in configs],
+              args.rows, [0, 1])
     if args.loss:
         loss_table(modules[0], args.rows)
 
