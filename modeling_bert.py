@@ -517,6 +517,14 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
                        cu_seqlens, max_seqlen, total, labelled, prepared)
 
 
+# The message of the compiled graph's input check. CUDA's `_assert_async` takes at most 254 characters.
+COMPILED_INPUT_ERROR = (
+    "MosaicBERT: an input value is out of range inside torch.compile (ids, token types or labels outside their "
+    "range, an attention_mask not 0/1 or all zeros, or bad cu_seqlens). Run the batch uncompiled for the error "
+    "that names it."
+)
+
+
 def _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask, cu_seqlens, max_seqlen,
                       label_checks):
     """The value checks of `validate_inputs` inside a compiled graph, which cannot read values back: one
@@ -544,13 +552,7 @@ def _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask,
         if max_seqlen is not None:
             ok.append((lengths <= max_seqlen).all())
     if ok:
-        torch._assert_async(
-            torch.stack(ok).all(),
-            "MosaicBERT: an input value is out of range inside torch.compile (ids outside the vocabulary or the "
-            "token types, labels outside their classes (other than -100), an attention_mask that is not 0/1 or is "
-            "all zeros, or cu_seqlens not rising from 0 to the input length). Run the batch without compiling for "
-            "the error that names it.",
-        )
+        torch._assert_async(torch.stack(ok).all(), COMPILED_INPUT_ERROR)
 
 
 def _validate_cu_seqlens(cu_seqlens, batch_size, seqlen, device):

@@ -105,3 +105,11 @@ def test_compiled_packed_input_checks_cu_seqlens_on_the_device(dynamic_shapes, b
         model(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     with pytest.raises(RuntimeError, match="out of range inside torch.compile"):
         compiled(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def test_compiled_input_error_fits_the_cuda_assert():
+    # CUDA's _assert_async rejects messages of 255 characters or more, which would replace the input error on a GPU.
+    from conftest import package_module
+
+    message = package_module(tiny_model("AutoModelForMaskedLM")).COMPILED_INPUT_ERROR
+    assert "out of range inside torch.compile" in message and len(message) < 255, len(message)
