@@ -12,7 +12,9 @@ Variants (each a `tl.range` persistent loop over (BLOCK_M, BLOCK_N) output tiles
 - "one dot, copy": the same from a copy of the weight whose rows are interleaved block by block (gate block j, then
   value block j), read with 2-D (2 * BLOCK_N, BLOCK_K) blocks;
 - "+ flat": the tile and k loops pipelined as one (`tl.range(flatten=True)`); "+ split": the tile stored in two
-  halves; "+ save": the (t, 2 * i) pre-activations stored as well (what a training forward would keep).
+  halves; "+ save": the (t, 2 * i) pre-activations stored as well (what a training forward would keep); "+ ws":
+  the tile loop warp-specialized (`tl.range(warp_specialize=True)`: loads, dots and epilogue in separate warps,
+  where the Triton build supports it on the GPU); "no GELU": gate * value, to time the GELU's share of the epilogue.
 GPU µs per call from a CUDA graph of 20 calls (best of 5 replays, `gated_gemm.gpu_us`); every variant is checked
 against F.linear + the gated GELU first and reported as wrong if it differs.
 """
@@ -43,10 +45,10 @@ def _variant_kernel(
     x_desc, w_desc, value_desc, out_desc, pre_desc, t, inter, hidden, num_programs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MODE: tl.constexpr,  # 0: two dots; 1: one dot, (2, i, n) view; 2: one dot, interleaved copy
-    FLAT: tl.constexpr, SPLIT: tl.constexpr, SAVE: tl.constexpr,
+    FLAT: tl.constexpr, SPLIT: tl.constexpr, SAVE: tl.constexpr, WS: tl.constexpr, GELU: tl.constexpr,
 ):
     num_tiles = tl.cdiv(t, BLOCK_M) * tl.cdiv(inter, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLAT):
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLAT, warp_specialize=WS):
         row0, col0 = fused_ops._grouped_tile(tile, t, inter, BLOCK_M, BLOCK_N, GROUP_M)
         if MODE == 0:
             gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -67,7 +69,7 @@ def _variant_kernel(
         if SAVE:
             pre_desc.store([row0, col0], gate.to(pre_desc.dtype))
             pre_desc.store([row0, inter + col0], value.to(pre_desc.dtype))
-        out = fused_ops._gelu_times(gate, value).to(out_desc.dtype)
+        out = (fused_ops._gelu_times(gate, value) if GELU else gate * value).to(out_desc.dtype)
         if SPLIT:
             left, right = out.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
             out_desc.store([row0, col0], left)
@@ -82,7 +84,7 @@ def interleave_blocks(weight, block_n):
     return weight.view(2, inter // block_n, block_n, hidden).transpose(0, 1).reshape(2 * inter, hidden).contiguous()
 
 
-def variant(x, weight, config, mode, flat=False, split=False, save=False, copy=None):
+def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=False, gelu=True, copy=None):
     """Run one design; returns the (t, i) output, and the (t, 2 * i) pre-activations with save."""
     block_m, block_n, block_k, group_m, stages, warps = config
     t, hidden = x.shape
@@ -102,7 +104,7 @@ def variant(x, weight, config, mode, flat=False, split=False, save=False, copy=N
         TensorDescriptor.from_tensor(x, [block_m, block_k]), w_desc, value_desc, out_desc,
         TensorDescriptor.from_tensor(pre, [block_m, block_n]) if save else out_desc,
         t, inter, hidden, programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, MODE=mode,
-        FLAT=flat, SPLIT=split, SAVE=save, num_stages=stages, num_warps=warps,
+        FLAT=flat, SPLIT=split, SAVE=save, WS=ws, GELU=gelu, num_stages=stages, num_warps=warps,
     )
     return (out, pre) if save else out
 
@@ -117,14 +119,18 @@ DESIGNS = {
     "one dot, copy + flat + split": dict(mode=2, flat=True, split=True),
     "one dot, copy + save": dict(mode=2, save=True),
     "one dot, view + flat + save": dict(mode=1, flat=True, save=True),
+    "one dot, view + ws": dict(mode=1, ws=True),
+    "one dot, view + flat + ws": dict(mode=1, flat=True, ws=True),
+    "one dot, view + flat, no GELU": dict(mode=1, flat=True, gelu=False),
 }
 CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 16, 4, 8)]
 
 
-def reference(x, weight):
+def reference(x, weight, gelu=True):
     pre = x.double() @ weight.double().T
     inter = weight.shape[0] // 2
-    return F.gelu(pre[:, :inter]) * pre[:, inter:], pre
+    gate = F.gelu(pre[:, :inter]) if gelu else pre[:, :inter]
+    return gate * pre[:, inter:], pre
 
 
 def check(x, weight, config, design, tolerance):
@@ -132,7 +138,7 @@ def check(x, weight, config, design, tolerance):
     copy = interleave_blocks(weight, config[1]) if design.get("mode") == 2 else None
     result = variant(x, weight, config, copy=copy, **design)
     out, pre = result if design.get("save") else (result, None)
-    ref_out, ref_pre = reference(x, weight)
+    ref_out, ref_pre = reference(x, weight, design.get("gelu", True))
     err = (out.double() - ref_out).abs().max().item()
     if pre is not None:
         err = max(err, (pre.double() - ref_pre).abs().max().item())
@@ -156,6 +162,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter check of every design, no timing")
+    parser.add_argument("--designs", nargs="*", help="only these designs (names as in the table)")
+    parser.add_argument("--configs", nargs="*", help="launch configs as BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,stages,warps")
     args = parser.parse_args()
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -179,8 +187,11 @@ def main():
     small = torch.randn(300, HIDDEN, device="cuda", dtype=torch.bfloat16)
     tolerance = 2 * (fused_ops._gated_gelu_forward(F.linear(small, weight)).double()
                      - reference(small, weight)[0]).abs().max().item() + 1e-2
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     for name, design in DESIGNS.items():
-        for config in CONFIGS:
+        if args.designs and name not in args.designs:
+            continue
+        for config in configs:
             try:
                 err, ok = check(small, weight, config, design, tolerance)
                 if not ok:
