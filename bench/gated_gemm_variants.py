@@ -86,7 +86,7 @@ def interleave_blocks(weight, block_n):
 
 def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=False, gelu=True, copy=None):
     """Run one design; returns the (t, i) output, and the (t, 2 * i) pre-activations with save."""
-    block_m, block_n, block_k, group_m, stages, warps = config
+    block_m, block_n, block_k, group_m, stages, warps, *per_sm = config
     t, hidden = x.shape
     inter = weight.shape[0] // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
@@ -99,7 +99,8 @@ def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=Fal
         w_desc = value_desc = TensorDescriptor.from_tensor(weight.unflatten(0, (2, inter)), [2, block_n, block_k])
     else:
         w_desc = value_desc = TensorDescriptor.from_tensor(copy, [2 * block_n, block_k])
-    programs = min(triton.cdiv(t, block_m) * triton.cdiv(inter, block_n), fused_ops._sm_count(x.device))
+    per_sm = per_sm[0] if per_sm else 1  # programs a SM: 2 lets one program's epilogue overlap another's dots
+    programs = min(triton.cdiv(t, block_m) * triton.cdiv(inter, block_n), per_sm * fused_ops._sm_count(x.device))
     _variant_kernel[(programs,)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]), w_desc, value_desc, out_desc,
         TensorDescriptor.from_tensor(pre, [block_m, block_n]) if save else out_desc,
@@ -163,7 +164,8 @@ def main():
     parser.add_argument("--rows", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter check of every design, no timing")
     parser.add_argument("--designs", nargs="*", help="only these designs (names as in the table)")
-    parser.add_argument("--configs", nargs="*", help="launch configs as BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,stages,warps")
+    parser.add_argument("--configs", nargs="*",
+                        help="launch configs as BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,stages,warps[,programs per SM]")
     args = parser.parse_args()
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -178,7 +180,7 @@ def main():
     xs = {rows: torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) for rows in args.rows}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; bf16, "
           f"n = {HIDDEN}, i = {INTER}; GPU µs per call")
-    print("| variant (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps) | "
+    print("| variant (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps[, programs a SM]) | "
           + " | ".join(f"{r} rows" for r in args.rows) + " |\n|---|" + "---:|" * len(args.rows))
     baselines = [("cuBLAS Linear alone", lambda x: F.linear(x, weight)),
                  ("cuBLAS Linear + gated GELU kernel", lambda x: fused_ops._gated_gelu_forward(F.linear(x, weight)))]
