@@ -47,6 +47,8 @@ def main():
     parser.add_argument("kind", nargs="?", default="fixed")
     parser.add_argument("--gaps", type=int, default=8, help="how many of the largest gaps to detail")
     parser.add_argument("--min-gap", type=float, default=20.0, help="µs between kernels that count as idle")
+    parser.add_argument("--no-stack", action="store_true",
+                        help="no Python stacks (a lighter profiler: host time closer to an unprofiled run)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -55,7 +57,7 @@ def main():
     for _ in range(5):
         call()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=not args.no_stack) as prof:
         for _ in range(n):
             call()
         torch.cuda.synchronize()
