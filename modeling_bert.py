@@ -793,7 +793,7 @@ class BertEmbeddings(nn.Module):
             token_type = self.token_type_embeddings.weight[0]  # (hidden,): type 0 for every token
         else:
             token_type = self.token_type_embeddings(token_type_ids)  # (t, hidden)
-        if _has_forward_hooks(self.LayerNorm) or inputs_embeds.dtype != token_type.dtype:
+        if _has_hooks(self.LayerNorm) or inputs_embeds.dtype != token_type.dtype:
             # a hook sees the sum it would see unfused; mixed dtypes keep the promotion of the sum
             return self.dropout(self.LayerNorm(inputs_embeds + token_type))
         # the sum is formed inside the LayerNorm kernel's pass (no add pass of its own)
@@ -817,8 +817,13 @@ class BertUnpadSelfAttention(nn.Module):
 
     def forward(self, hidden_states, layout, slopes, gemm_input=None):
         # gemm_input: hidden_states in the autocast dtype (the LayerNorm's copy), or None
-        x = gemm_input if gemm_input is not None and _plain_linear(self.Wqkv) else hidden_states
-        qkv = self.Wqkv(x).view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
+        wqkv = self.Wqkv
+        if _plain_linear(wqkv):
+            x = hidden_states if gemm_input is None else gemm_input
+            qkv = F.linear(x, wqkv.weight, wqkv.bias)
+        else:
+            qkv = wqkv(hidden_states)
+        qkv = qkv.view(-1, 3, self.num_attention_heads, self.attention_head_size)  # (t, 3, h, d)
         attend = ATTENTION_FUNCTIONS[layout.attention][0]
         context, probs = attend(qkv, layout.sequences, slopes, self.dropout_p if self.training else 0.0)
         return context.reshape(context.shape[0], -1), probs  # (t, hidden), (b, h, s, s) or None
@@ -850,10 +855,12 @@ class BertUnpadAttention(nn.Module):
 
 
 def _plain_linear(linear):
-    """A plain nn.Linear without hooks, which the encoder may run as its parts: reading the LayerNorm's
-    autocast-dtype copy of its input (what autocast would cast the input to) instead of the input, or leaving its
-    bias to the LayerNorm after it. A replaced or hooked module runs as itself, on the input as it is."""
-    return type(linear) is nn.Linear and not _has_forward_hooks(linear)
+    """A plain nn.Linear without hooks, which the encoder may run as its parts: `F.linear` on its parameters (no
+    module call), reading the LayerNorm's autocast-dtype copy of its input (what autocast would cast the input to)
+    instead of the input, or leaving its bias to the LayerNorm after it. A replaced or hooked module (forward or
+    backward hooks, its own or global ones, or a `forward` set on the instance, as accelerate's offloading hooks
+    do) runs as itself, on the input as it is."""
+    return type(linear) is nn.Linear and "forward" not in linear.__dict__ and not _has_hooks(linear)
 
 
 def linear_layer_norm(linear, x, layer_norm, residual, dropout_p, with_copy=False):
@@ -862,23 +869,33 @@ def linear_layer_norm(linear, x, layer_norm, residual, dropout_p, with_copy=Fals
     backward's pass rather than by a reduction kernel of its own (not with hooks on either module: they see what
     they would see unfused). Decided by the module's mode, not by grad mode, so a reentrant checkpoint's no-grad
     forward and its recompute take the same path."""
+    if not _plain_linear(linear):
+        return layer_norm(linear(x), residual, dropout_p, with_copy)
     bias = linear.bias
     if (
-        linear.training and bias is not None and bias.requires_grad and _plain_linear(linear)
-        and not _has_forward_hooks(layer_norm) and fused_kernels_available(x)
+        linear.training and bias is not None and bias.requires_grad and not _has_hooks(layer_norm)
+        and fused_kernels_available(x)
     ):
         return layer_norm(F.linear(x, linear.weight), residual, dropout_p, with_copy, x_bias=bias)
-    return layer_norm(linear(x), residual, dropout_p, with_copy)
+    return layer_norm(F.linear(x, linear.weight, bias), residual, dropout_p, with_copy)
 
 
-def _has_forward_hooks(module):
-    """True when calling `module` would run forward (pre-)hooks: its own or the global ones of
-    `torch.nn.modules.module.register_module_forward_hook` / `..._pre_hook`."""
+_TORCH_MODULE = nn.modules.module  # holds the global hooks of `register_module_forward_hook` and the like
+
+
+def _has_hooks(module):
+    """True when calling `module` would run hooks: its own forward (pre-)hooks or backward (pre-)hooks, or the global
+    ones of `torch.nn.modules.module.register_module_forward_hook` and its siblings. A module with hooks runs as
+    itself, on what it would see unfused. Called a few times a layer on every forward: attribute reads only."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
-        or getattr(nn.modules.module, "_global_forward_hooks", None)
-        or getattr(nn.modules.module, "_global_forward_pre_hooks", None)
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or getattr(_TORCH_MODULE, "_global_forward_hooks", None)
+        or getattr(_TORCH_MODULE, "_global_forward_pre_hooks", None)
+        or getattr(_TORCH_MODULE, "_global_backward_hooks", None)
+        or getattr(_TORCH_MODULE, "_global_backward_pre_hooks", None)
     )
 
 
@@ -896,13 +913,13 @@ class BertGatedLinearUnitMLP(nn.Module):
         # (t, hidden) -> (t, intermediate). A plain bias-free Linear is handed over as its weight, so inference can
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
         # a forward hook) runs as itself. gemm_input: hidden_states in the autocast dtype, or None.
-        gated = self.gated_layers
+        gated, dropout_p = self.gated_layers, self.dropout.p
         if _plain_linear(gated) and gated.bias is None:
             x = hidden_states if gemm_input is None else gemm_input
-            glu = gated_linear_gelu(x, gated.weight, dropout_p=self.dropout.p, training=self.training)
+            glu = gated_linear_gelu(x, gated.weight, dropout_p=dropout_p, training=self.training)
         else:
-            glu = gated_gelu(gated(hidden_states), dropout_p=self.dropout.p, training=self.training)
-        return linear_layer_norm(self.wo, glu, self.layernorm, hidden_states, self.dropout.p, with_copy)
+            glu = gated_gelu(gated(hidden_states), dropout_p=dropout_p, training=self.training)
+        return linear_layer_norm(self.wo, glu, self.layernorm, hidden_states, dropout_p, with_copy)
 
 
 class BertLayer(GradientCheckpointingLayer):
@@ -919,12 +936,15 @@ class BertLayer(GradientCheckpointingLayer):
         """
         # A module whose output gets a copy returns a pair: with a forward hook on it, it returns its output alone,
         # as the hook expects
-        attention = (self.attention, self.attention.output, self.attention.output.LayerNorm)
-        mid_copy = _plain_linear(self.mlp.gated_layers) and not any(_has_forward_hooks(m) for m in attention)
-        with_copy = with_copy and not any(_has_forward_hooks(m) for m in (self.mlp, self.mlp.layernorm))
-        out, probs = self.attention(hidden_states, layout, slopes, subset_idx, gemm_input, with_copy=mid_copy)
+        attention, mlp = self.attention, self.mlp
+        output = attention.output
+        mid_copy = _plain_linear(mlp.gated_layers) and not (
+            _has_hooks(attention) or _has_hooks(output) or _has_hooks(output.LayerNorm)
+        )
+        with_copy = with_copy and not (_has_hooks(mlp) or _has_hooks(mlp.layernorm))
+        out, probs = attention(hidden_states, layout, slopes, subset_idx, gemm_input, with_copy=mid_copy)
         hidden_states, copy = out if mid_copy else (out, None)
-        out = self.mlp(hidden_states, copy, with_copy=with_copy)
+        out = mlp(hidden_states, copy, with_copy=with_copy)
         hidden_states, copy = out if with_copy else (out, None)
         return hidden_states, copy, probs
 
@@ -973,11 +993,12 @@ class BertEncoder(nn.Module):
         # autocast with fp32 LayerNorm outputs); not when hidden states are returned, whose gradients must carry
         # all of the next layer's.
         copy = None
+        layers = list(self.layer)
         with reuse_cpu_gemm_output() if reuse else contextlib.nullcontext():
-            for i, layer in enumerate(self.layer):
-                last = i == len(self.layer) - 1
+            for i, layer in enumerate(layers):
+                last = i == len(layers) - 1
                 rows = subset_idx if last and not output_hidden_states else None
-                with_copy = not (last or output_hidden_states) and _plain_linear(self.layer[i + 1].attention.self.Wqkv)
+                with_copy = not (last or output_hidden_states) and _plain_linear(layers[i + 1].attention.self.Wqkv)
                 hidden, copy, probs = layer(hidden, layout, slopes, rows, copy, with_copy=with_copy)
                 if output_hidden_states:
                     hidden = keep(hidden)

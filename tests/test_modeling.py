@@ -918,3 +918,42 @@ def test_autocast_layer_norm_copies_feed_the_next_gemm(monkeypatch, forced_kerne
     assert grads.keys() == cast_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], cast_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+LINEARS = ("attention.self.Wqkv", "attention.output.dense", "mlp.gated_layers", "mlp.wo")
+
+
+@pytest.mark.parametrize("kind", ["full backward", "backward pre", "global full backward", "instance forward"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_linear_of_a_layer_runs_its_hooks(kind, mode):
+    # The encoder runs a plain Linear as F.linear on its parameters; one with hooks of any kind (or a forward set on
+    # the instance, as accelerate's offloading does) must be called as a module, so that its hooks see it.
+    model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=2)
+    model.train(mode == "train")
+    ids, mask = ragged_batch([5, 9], vocab=model.config.vocab_size)
+    layer = model.bert.encoder.layer[1]
+    modules = {name: layer.get_submodule(name) for name in LINEARS}
+    seen, handles = [], []
+    for name, module in modules.items():
+        if kind == "full backward":
+            handles.append(module.register_full_backward_hook(lambda m, gi, go, name=name: seen.append(name)))
+        elif kind == "backward pre":
+            handles.append(module.register_full_backward_pre_hook(lambda m, go, name=name: seen.append(name)))
+        elif kind == "instance forward":
+            def forward(x, module=module, name=name):
+                seen.append(name)
+                return torch.nn.Linear.forward(module, x)
+
+            module.forward = forward
+    if kind == "global full backward":
+        names = {module: name for name, module in modules.items()}
+        handles.append(torch.nn.modules.module.register_module_full_backward_hook(
+            lambda m, gi, go: seen.append(names[m]) if m in names else None))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        if "backward" in kind:
+            out.loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(seen) == sorted(LINEARS), seen
