@@ -892,10 +892,10 @@ def _has_hooks(module):
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
-        or getattr(_TORCH_MODULE, "_global_forward_hooks", None)
-        or getattr(_TORCH_MODULE, "_global_forward_pre_hooks", None)
-        or getattr(_TORCH_MODULE, "_global_backward_hooks", None)
-        or getattr(_TORCH_MODULE, "_global_backward_pre_hooks", None)
+        or _TORCH_MODULE._global_forward_hooks
+        or _TORCH_MODULE._global_forward_pre_hooks
+        or _TORCH_MODULE._global_backward_hooks
+        or _TORCH_MODULE._global_backward_pre_hooks
     )
 
 
