@@ -377,14 +377,14 @@ def _check_shape(name, tensor, shape):
 
 
 def _range_check(name, tensor, low, high, ignore=None):
-    """Deferred check that `tensor` lies in [low, high) (entries equal to `ignore` aside): the (2,) bounds to read
-    and a function raising on them. The caller reads the bounds of every check at once."""
+    """Deferred check that `tensor` lies in [low, high) (entries equal to `ignore` aside): its (min, max) as 0-d
+    int64 tensors to read, and a function raising on them. The caller reads the bounds of every check at once."""
     if tensor.numel() == 0:
         return []
     values = tensor.long()
     if ignore is not None:
         values = torch.where(values != ignore, values, low)  # ignored entries read as in range
-    bounds = torch.stack([values.min(), values.max()])
+    bounds = torch.aminmax(values)  # one reduction for both
 
     def check(lo, hi):
         if lo < low or hi >= high:
@@ -465,20 +465,20 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
     for name, tensor, low, high, ignore in label_checks:
         if tensor is not None:
             checks += _range_check(name, tensor, low, high, ignore)
-    values = [bounds for bounds, _ in checks]
+    # 0-d int64 tensors, stacked once for the one read
+    values = [bound for bounds, _ in checks for bound in bounds]
     if attention_mask is not None:
         # entries other than 0/1 (an additive 0/-10000 mask, say), and the number of valid tokens
-        not_binary = (attention_mask != 0) & (attention_mask != 1)
-        values.append(torch.stack([not_binary.sum(), (attention_mask != 0).sum()]))
+        valid = attention_mask != 0
+        values += [(valid & (attention_mask != 1)).sum(), valid.sum()]
     if cu_seqlens is not None:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        values.append(torch.stack([lengths.min(), lengths.max()]).long())
+        values += torch.aminmax((cu_seqlens[1:] - cu_seqlens[:-1]).long())
     if subset_labels is not None:
         labelled = subset_labels != IGNORE_INDEX
         if attention_mask is not None:
-            labelled = labelled & (attention_mask != 0)
-        values.append(labelled.sum().reshape(1))
-    values = torch.cat(values) if values else None
+            labelled = labelled & valid
+        values.append(labelled.sum())
+    values = torch.stack(values) if values else None
     prepared = None
     if before_read is not None:  # its host time overlaps the GPU's work on earlier calls, which the read waits for
         prepared = before_read(ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask,
