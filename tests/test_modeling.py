@@ -924,12 +924,15 @@ LINEARS = ("attention.self.Wqkv", "attention.output.dense", "mlp.gated_layers", 
 
 
 @pytest.mark.parametrize("kind", ["full backward", "backward pre", "global full backward", "instance forward"])
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_every_linear_of_a_layer_runs_its_hooks(kind, mode):
-    # The encoder runs a plain Linear as F.linear on its parameters; one with hooks of any kind (or a forward set on
+@pytest.mark.parametrize("mode", ["train", "eval", "train, kernels"])
+def test_every_linear_of_a_layer_runs_its_hooks(monkeypatch, kind, mode):
+    # The encoder runs a plain Linear as F.linear on its parameters (in training with the kernels, the attention
+    # output's and wo without their bias, which the LayerNorm adds); one with hooks of any kind (or a forward set on
     # the instance, as accelerate's offloading does) must be called as a module, so that its hooks see it.
     model = tiny_model("AutoModelForMaskedLM", num_hidden_layers=2)
-    model.train(mode == "train")
+    if mode == "train, kernels":
+        force_kernels(monkeypatch, package_module(model))
+    model.train(mode.startswith("train"))
     ids, mask = ragged_batch([5, 9], vocab=model.config.vocab_size)
     layer = model.bert.encoder.layer[1]
     modules = {name: layer.get_submodule(name) for name in LINEARS}
