@@ -912,7 +912,7 @@ class BertGatedLinearUnitMLP(nn.Module):
     def forward(self, hidden_states, gemm_input=None, with_copy=False):
         # (t, hidden) -> (t, intermediate). A plain bias-free Linear is handed over as its weight, so inference can
         # apply the gated GELU in the GEMM's epilogue; a replaced or hooked module (an adapter, a quantized Linear,
-        # a forward hook) runs as itself. gemm_input: hidden_states in the autocast dtype, or None.
+        # a hook of any kind) runs as itself. gemm_input: hidden_states in the autocast dtype, or None.
         gated, dropout_p = self.gated_layers, self.dropout.p
         if _plain_linear(gated) and gated.bias is None:
             x = hidden_states if gemm_input is None else gemm_input
@@ -934,7 +934,7 @@ class BertLayer(GradientCheckpointingLayer):
         gemm_input: hidden_states in the autocast dtype (the previous LayerNorm's copy), or None; with_copy: return
         this layer's output's copy too (`BertLayerNorm`), for the next layer.
         """
-        # A module whose output gets a copy returns a pair: with a forward hook on it, it returns its output alone,
+        # A module whose output gets a copy returns a pair: with a hook on it, it returns its output alone,
         # as the hook expects
         attention, mlp = self.attention, self.mlp
         output = attention.output
