@@ -91,6 +91,10 @@ def main():
     print(f"{args.mode} {args.kind} ({torch.cuda.get_device_name()}): per call GPU span {span / n / 1e3:.2f} ms, "
           f"kernels {busy / n / 1e3:.2f} ms, idle gaps over {args.min_gap:.0f} µs {idle / n / 1e3:.2f} ms "
           f"({len(gaps) / n:.0f} gaps)")
+    counts = {}
+    for e in device:
+        counts[_short(e["name"])] = counts.get(_short(e["name"]), 0) + 1
+    print("kernels per call: " + ", ".join(f"{c / n:g} {k}" for k, c in sorted(counts.items(), key=lambda i: -i[1])))
     # gaps too short for the host to be the cause: the GPU between dependent kernels (launch latency, tails)
     print(f"gaps up to {args.min_gap:.0f} µs: {len(small) / n:.0f} per call, {sum(g[0] for g in small) / n:.0f} µs "
           "per call; by the kernels on either side (µs per call, count per call):")
