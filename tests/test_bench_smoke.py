@@ -107,3 +107,31 @@ def test_host_time_runs_both_paths(tmp_path, kernels):
     assert ("launches stubbed" in stdout) == kernels
     rows = [line for line in stdout.splitlines() if line.startswith("| MosaicBERT") or line.startswith("| BERT")]
     assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), stdout
+
+
+def test_epilogue_sass_counts_each_gelu_form(tmp_path):
+    # Compiles each GELU(gate) * value form for sm_90 offline and counts its SASS: every form is listed, the plain
+    # product is the baseline, and each GELU form adds arithmetic and at least one MUFU (its exp).
+    triton = pytest.importorskip("triton")
+    sys.path.insert(0, str(REPO))
+    import fused_ops
+
+    if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
+        pytest.skip("needs triton with host TMA descriptors (bench/gated_gemm_variants.py)")
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton build has no bundled cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "bench/epilogue_sass.py"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = {cells[1].strip(): [int(c) for c in cells[2:6]]
+            for cells in (line.split("|") for line in result.stdout.splitlines())
+            if len(cells) == 7 and cells[2].strip().isdigit()}
+    assert set(rows) == {"gate * value", "shipped: exact GELU, tl.erf", "rational erfc"}, result.stdout
+    assert rows["gate * value"][1] == 0 and rows["gate * value"][2] == 0
+    for name in ("shipped: exact GELU, tl.erf", "rational erfc"):
+        total, beyond, mufu, arithmetic = rows[name]
+        assert beyond > 10 and mufu >= 1 and arithmetic > rows["gate * value"][3], (name, rows)

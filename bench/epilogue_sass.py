@@ -1,0 +1,88 @@
+"""What the gated GEMM's epilogue costs per element in instructions: each GELU(gate) * value form compiled for a GPU
+target offline (no GPU needed), its SASS counted.
+
+    python bench/epilogue_sass.py [--arch 90]
+
+One element per thread (a 128-element block, 4 warps), so the counts are per element; "beyond gate * value" is the
+form's count less that of the plain product, i.e. what the GELU adds to every output of the epilogue. Forms: the
+shipped exact GELU (`fused_ops._gelu_times`, erf from libdevice) and the rational-erfc form of
+`bench/gated_gemm_variants.py`. Needs triton with its bundled `cuobjdump` (the CUDA wheels carry it); run without
+TRITON_INTERPRET.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compiles for a GPU target: run without TRITON_INTERPRET=1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused_ops  # noqa: E402
+
+if not fused_ops.HAS_TRITON:
+    sys.exit("needs triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from gated_gemm_variants import _gelu_times_rational  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+@triton.jit
+def _form_kernel(Gate, Value, Out, FORM: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    gate = tl.load(Gate + offsets)
+    value = tl.load(Value + offsets)
+    if FORM == 0:
+        out = gate * value
+    elif FORM == 1:
+        out = fused_ops._gelu_times(gate, value)
+    else:
+        out = _gelu_times_rational(gate, value)
+    tl.store(Out + offsets, out)
+
+
+FORMS = {"gate * value": 0, "shipped: exact GELU, tl.erf": 1, "rational erfc": 2}
+
+
+def sass_ops(form, arch):
+    """{SASS opcode: count} of the kernel for `form` (NOPs dropped)."""
+    source = ASTSource(fn=_form_kernel, signature={"Gate": "*fp32", "Value": "*fp32", "Out": "*fp32",
+                                                   "FORM": "constexpr", "BLOCK": "constexpr"},
+                       constexprs={"FORM": form, "BLOCK": 128})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    ops = {}
+    for line in sass.splitlines():
+        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if match and match.group(1) != "NOP":
+            ops[match.group(1)] = ops.get(match.group(1), 0) + 1
+    return ops
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    args = parser.parse_args()
+    counts = {name: sass_ops(form, args.arch) for name, form in FORMS.items()}
+    base = sum(counts["gate * value"].values())
+    print(f"triton {triton.__version__}, sm_{args.arch}; SASS instructions per element (NOPs excluded)")
+    print("| form | instructions | beyond gate * value | MUFU (exp, reciprocal) | FFMA + FMUL + FADD |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ops in counts.items():
+        arithmetic = sum(ops.get(op, 0) for op in ("FFMA", "FMUL", "FADD"))
+        print(f"| {name} | {sum(ops.values())} | {sum(ops.values()) - base} | {ops.get('MUFU', 0)} | {arithmetic} |")
+
+
+if __name__ == "__main__":
+    main()
