@@ -12,10 +12,7 @@ TRITON_INTERPRET.
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -29,8 +26,7 @@ if not fused_ops.HAS_TRITON:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gated_gemm_variants import _gelu_times_rational  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from offline_compile import compile_for, sass_ops  # noqa: E402
 
 
 @triton.jit
@@ -50,31 +46,17 @@ def _form_kernel(Gate, Value, Out, FORM: tl.constexpr, BLOCK: tl.constexpr):
 FORMS = {"gate * value": 0, "shipped: exact GELU, tl.erf": 1, "rational erfc": 2}
 
 
-def sass_ops(form, arch):
-    """{SASS opcode: count} of the kernel for `form` (NOPs dropped)."""
-    source = ASTSource(fn=_form_kernel, signature={"Gate": "*fp32", "Value": "*fp32", "Out": "*fp32",
-                                                   "FORM": "constexpr", "BLOCK": "constexpr"},
-                       constexprs={"FORM": form, "BLOCK": 128})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    ops = {}
-    for line in sass.splitlines():
-        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if match and match.group(1) != "NOP":
-            ops[match.group(1)] = ops.get(match.group(1), 0) + 1
-    return ops
+def form_ops(form, arch):
+    """{SASS opcode: count} of the kernel for `form`."""
+    signature = {"Gate": "*fp32", "Value": "*fp32", "Out": "*fp32", "FORM": "constexpr", "BLOCK": "constexpr"}
+    return sass_ops(compile_for(_form_kernel, signature, {"FORM": form, "BLOCK": 128}, arch, num_warps=4))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = parser.parse_args()
-    counts = {name: sass_ops(form, args.arch) for name, form in FORMS.items()}
+    counts = {name: form_ops(form, args.arch) for name, form in FORMS.items()}
     base = sum(counts["gate * value"].values())
     print(f"triton {triton.__version__}, sm_{args.arch}; SASS instructions per element (NOPs excluded)")
     print("| form | instructions | beyond gate * value | MUFU (exp, reciprocal) | FFMA + FMUL + FADD |")

@@ -3,6 +3,7 @@ how the gate and value rows reach the tile, whether the tile and k loops are fla
 
     python bench/gated_gemm_variants.py [--rows 8192 32768]
     TRITON_INTERPRET=1 python bench/gated_gemm_variants.py --smoke    # CPU: every variant against a float64 reference
+    python bench/gated_gemm_variants.py --resources --configs ...     # no GPU: registers, spills, shared memory
 
 Variants (each a `tl.range` persistent loop over (BLOCK_M, BLOCK_N) output tiles, GROUP_M row blocks at a time):
 - "two dots": two (BLOCK_M, BLOCK_N) accumulators a tile, x against the gate half and the value half of the weight
@@ -189,6 +190,43 @@ def smoke():
                 sys.exit(1)
 
 
+def print_resources(designs, configs):
+    # What fits before timing: a config that spills, or whose programs a SM (7th field) exceed what its registers
+    # and shared memory allow, wastes a device call. Hopper: 64K registers, 228 KB shared memory a SM (227 KB a
+    # program), 1 KB of it reserved a program.
+    from offline_compile import compile_for, resources
+
+    configs = [tuple(int(v) for v in c.split(",")) for c in configs] if configs else CONFIGS
+    print(f"triton {triton.__version__}, sm_90, bf16, compiled offline")
+    print("| variant (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps[, programs a SM]) | registers a thread | "
+          "spilled bytes | shared KiB | programs a SM that fit |\n|---|---:|---:|---:|---:|")
+    for name, design in DESIGNS.items():
+        if designs and name not in designs:
+            continue
+        for config in configs:
+            block_m, block_n, block_k, group_m, stages, warps, *_ = config
+            mode = design.get("mode", 0)
+            rows = 2 * block_n if mode == 2 else block_n
+            w_block = f"[2,{block_n},{block_k}]" if mode == 1 else f"[{rows},{block_k}]"
+            signature = {"x_desc": f"tensordesc<bf16[{block_m},{block_k}]>", "w_desc": f"tensordesc<bf16{w_block}>",
+                         "value_desc": f"tensordesc<bf16{w_block}>",
+                         "out_desc": f"tensordesc<bf16[{block_m},{block_n // 2 if design.get('split') else block_n}]>",
+                         "pre_desc": f"tensordesc<bf16[{block_m},{block_n}]>", "t": "i32", "inter": "i32",
+                         "hidden": "i32", "num_programs": "i32"}
+            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, MODE=mode,
+                              FLAT=design.get("flat", False), SPLIT=design.get("split", False),
+                              SAVE=design.get("save", False), WS=design.get("ws", False), GELU=design.get("gelu", 1))
+            signature.update(dict.fromkeys(constexprs, "constexpr"))
+            try:
+                kernel = compile_for(_variant_kernel, signature, constexprs, 90, num_warps=warps, num_stages=stages)
+                registers, spilled, shared = resources(kernel)
+            except Exception as e:  # e.g. a pass failing on one config: reported, the rest still compile
+                print(f"| {name} {config} | failed: {type(e).__name__} |")
+                continue
+            fit = min(65536 // (registers * warps * 32), 233472 // (shared + 1024))
+            print(f"| {name} {config} | {registers} | {spilled} | {shared / 1024:.0f} | {fit} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[8192, 32768])
@@ -196,7 +234,12 @@ def main():
     parser.add_argument("--designs", nargs="*", help="only these designs (names as in the table)")
     parser.add_argument("--configs", nargs="*",
                         help="launch configs as BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,stages,warps[,programs per SM]")
+    parser.add_argument("--resources", action="store_true",
+                        help="no GPU: compile each design and config for sm_90 offline and print its registers, "
+                             "spills, shared memory and how many programs fit a SM")
     args = parser.parse_args()
+    if args.resources:
+        return print_resources(args.designs, args.configs)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--smoke runs under TRITON_INTERPRET=1")

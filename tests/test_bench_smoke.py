@@ -109,29 +109,54 @@ def test_host_time_runs_both_paths(tmp_path, kernels):
     assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), stdout
 
 
-def test_epilogue_sass_counts_each_gelu_form(tmp_path):
-    # Compiles each GELU(gate) * value form for sm_90 offline and counts its SASS: every form is listed, the plain
-    # product is the baseline, and each GELU form adds arithmetic and at least one MUFU (its exp).
-    triton = pytest.importorskip("triton")
+def offline_compile_env(tmp_path):
+    """The environment for a bench script that compiles for sm_90 without a GPU; skips where triton (with host TMA
+    descriptors, which bench/gated_gemm_variants.py needs) or its bundled cuobjdump is missing."""
+    pytest.importorskip("triton")
     sys.path.insert(0, str(REPO))
+    import offline_compile
+
     import fused_ops
 
     if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
         pytest.skip("needs triton with host TMA descriptors (bench/gated_gemm_variants.py)")
-    from pathlib import Path
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+    if not offline_compile.has_cuobjdump():
         pytest.skip("this triton build has no bundled cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    return {**env, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+
+
+def table_rows(stdout, columns):
+    """{first cell: int cells} of the markdown rows with `columns` cells whose second cell is a number."""
+    return {cells[1].strip(): [int(c) for c in cells[2 : columns + 1]]
+            for cells in (line.split("|") for line in stdout.splitlines())
+            if len(cells) == columns + 2 and cells[2].strip().isdigit()}
+
+
+def test_epilogue_sass_counts_each_gelu_form(tmp_path):
+    # Compiles each GELU(gate) * value form for sm_90 offline and counts its SASS: every form is listed, the plain
+    # product is the baseline, and each GELU form adds arithmetic and at least one MUFU (its exp).
     result = subprocess.run([sys.executable, "bench/epilogue_sass.py"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
+                            timeout=300, env=offline_compile_env(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = {cells[1].strip(): [int(c) for c in cells[2:6]]
-            for cells in (line.split("|") for line in result.stdout.splitlines())
-            if len(cells) == 7 and cells[2].strip().isdigit()}
+    rows = table_rows(result.stdout, 5)
     assert set(rows) == {"gate * value", "shipped: exact GELU, tl.erf", "rational erfc"}, result.stdout
     assert rows["gate * value"][1] == 0 and rows["gate * value"][2] == 0
     for name in ("shipped: exact GELU, tl.erf", "rational erfc"):
         total, beyond, mufu, arithmetic = rows[name]
         assert beyond > 10 and mufu >= 1 and arithmetic > rows["gate * value"][3], (name, rows)
+
+
+def test_gated_gemm_resources_fit_what_the_config_asks(tmp_path):
+    # The shipped config (224 KiB of pipeline buffers: one program a SM) against a small one that fits two.
+    configs = ["128,128,64,16,4,8", "64,128,64,8,2,4,2"]
+    result = subprocess.run([sys.executable, "bench/gated_gemm_variants.py", "--resources", "--designs",
+                             "one dot, view + flat", "--configs", *configs], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=offline_compile_env(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| one dot")]
+    assert len(lines) == 2, result.stdout
+    (big, small) = [[float(c) for c in cells[2:6]] for cells in lines]
+    for registers, spilled, shared, fit in (big, small):
+        assert 0 < registers <= 255 and spilled == 0 and shared > 0
+    assert big[2] > 200 and big[3] == 1 and small[2] < 114 and small[3] >= 2, result.stdout
