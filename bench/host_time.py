@@ -1,7 +1,7 @@
 """Host time of a MosaicBERT forward on the CPU, where the tensor work is made to cost little: a proxy for the host
 side of a small GPU batch, to compare checkouts without a GPU.
 
-    python bench/host_time.py [--repo ../other-checkout ...] [--rounds 12] [--forwards 100] [--kernels]
+    python bench/host_time.py [--repo ../other-checkout ...] [--rounds 12] [--forwards 100] [--kernels] [--train]
 
 A 12-layer model of width 64 (head size 32) on one sequence of 128 tokens, fp32, one thread; this checkout, each
 `--repo` checkout (same config, same seed) and transformers' BertModel of the same size, built in one process and
@@ -10,7 +10,9 @@ plain PyTorch path (the ops themselves run, small). `--kernels` runs the path a 
 functions, their launchers and the attention kernel's `PackedSelfAttention` — with every kernel launch replaced by
 a no-op (under `TRITON_INTERPRET=1` so that the package takes that path on CPU tensors; outputs are garbage, the
 host work is real): what remains is the Python and allocation work each launch carries. BERT runs its real ops in
-both modes.
+both modes. `--train`: a masked-LM training step instead (forward with labels on every seventh token, sparse
+prediction for MosaicBERT, and backward; no optimizer; a 1024-token vocabulary for both models), where the kernels
+run through autograd.
 """
 
 import argparse
@@ -48,13 +50,16 @@ def stub_launches(model):
     return launches
 
 
-def build(repo, kernels):
+def build(repo, kernels, train=False):
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-    config = AutoConfig.from_pretrained(Path(repo).resolve(), trust_remote_code=True, **SIZE)
+    # training: a 1024-token vocabulary, so that the head's real matmuls (not host work) do not dominate
+    extra = dict(sparse_prediction=True, vocab_size=1024) if train else {}
+    config = AutoConfig.from_pretrained(Path(repo).resolve(), trust_remote_code=True, **SIZE, **extra)
     torch.manual_seed(0)
-    model = AutoModel.from_config(config, trust_remote_code=True).eval()
+    auto = AutoModelForMaskedLM if train else AutoModel
+    model = auto.from_config(config, trust_remote_code=True).train(train)
     if kernels:
         model.launches = stub_launches(model)
     return model
@@ -66,36 +71,50 @@ def main():
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--forwards", type=int, default=100, help="forwards per model and round")
     parser.add_argument("--kernels", action="store_true", help="the GPU's kernel path, launches stubbed out")
+    parser.add_argument("--train", action="store_true", help="a training step (forward with labels + backward)")
     args = parser.parse_args()
     if args.kernels:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import contextlib
+
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertForMaskedLM, BertModel
 
     torch.set_num_threads(1)
-    models = {"MosaicBERT": build(REPO, args.kernels)}
+    models = {"MosaicBERT": build(REPO, args.kernels, args.train)}
     for repo in args.repo:
-        models[f"MosaicBERT {repo}"] = build(repo, args.kernels)
+        models[f"MosaicBERT {repo}"] = build(repo, args.kernels, args.train)
     vocab = models["MosaicBERT"].config.vocab_size
-    models["BERT sdpa"] = BertModel(BertConfig(vocab_size=vocab, attn_implementation="sdpa", **SIZE)).eval()
+    bert = (BertForMaskedLM if args.train else BertModel)(BertConfig(vocab_size=vocab, attn_implementation="sdpa",
+                                                                      **SIZE))
+    models["BERT sdpa"] = bert.train(args.train)
     ids = torch.randint(5, vocab, (1, 128), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if args.train:
+        batch["labels"] = torch.where(torch.arange(128) % 7 == 0, ids, -100)
+
+    def call(model):
+        out = model(**batch)
+        if args.train:
+            out.loss.backward()
+
     best = dict.fromkeys(models, float("inf"))
-    with torch.inference_mode():
+    with contextlib.nullcontext() if args.train else torch.inference_mode():
         for name, model in models.items():
             for _ in range(10):
-                model(input_ids=ids, attention_mask=mask)
+                call(model)
             if args.kernels and name != "BERT sdpa" and not model.launches:
                 sys.exit(f"{name} took no kernel path: nothing was launched")
         for _ in range(args.rounds):
             for name, model in models.items():
                 start = time.perf_counter()
                 for _ in range(args.forwards):
-                    model(input_ids=ids, attention_mask=mask)
+                    call(model)
                 best[name] = min(best[name], (time.perf_counter() - start) / args.forwards)
     path = "kernel path, launches stubbed" if args.kernels else "PyTorch path"
-    print(f"torch {torch.__version__}; {path}; best of {args.rounds} rounds of {args.forwards} forwards")
-    print("| model | µs per forward | × BERT |\n|---|---:|---:|")
+    unit = "training step (forward + backward)" if args.train else "forward"
+    print(f"torch {torch.__version__}; {path}; best of {args.rounds} rounds of {args.forwards} calls")
+    print(f"| model | µs per {unit} | × BERT |\n|---|---:|---:|")
     for name, seconds in best.items():
         print(f"| {name} | {seconds * 1e6:.0f} | {seconds / best['BERT sdpa']:.2f} |")
 

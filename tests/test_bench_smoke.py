@@ -98,13 +98,15 @@ def test_gated_gemm_variants_smoke_checks_every_design(tmp_path):
     assert len(lines) == 2 * len(gated_gemm_variants.DESIGNS) and all(line.endswith("ok") for line in lines)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["pytorch-path", "kernel-path"])
-def test_host_time_runs_both_paths(tmp_path, kernels):
+def test_host_time_runs_both_paths(tmp_path, kernels, train):
     if kernels:
         pytest.importorskip("triton")
     stdout = run(["bench/host_time.py", "--rounds", "1", "--forwards", "2", "--repo", str(REPO)]
-                 + (["--kernels"] if kernels else []), tmp_path)
+                 + (["--kernels"] if kernels else []) + (["--train"] if train else []), tmp_path)
     assert ("launches stubbed" in stdout) == kernels
+    assert ("training step" in stdout) == train
     rows = [line for line in stdout.splitlines() if line.startswith("| MosaicBERT") or line.startswith("| BERT")]
     assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), stdout
 
