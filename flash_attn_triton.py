@@ -11,7 +11,9 @@ the kernels from two aranges, so no (L, L) tensor exists anywhere and memory sta
 Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) -> `torch.library` custom ops
 (`mosaic_bert::flash_attn_varlen_fwd/bwd` and `mosaic_bert::flash_attn_varlen_qkvpacked_fwd/bwd`, with fake
 implementations and autograd, so `torch.compile` traces through them without a graph break) -> the public
-functions `flash_attn_varlen_func` and `flash_attn_varlen_qkvpacked_func`, and `check_max_seqlen`.
+functions `flash_attn_varlen_func` and `flash_attn_varlen_qkvpacked_func`, and `check_max_seqlen`. In eager mode
+the public functions skip the dispatcher (`triton_launch.route`): the launcher directly when nothing records a
+graph, and when autograd records one, a `torch.autograd.Function` over the ops' own implementation and formula.
 
 The file imports without Triton (Triton is optional for the model); the public attention functions then raise
 an ImportError. On a machine without a GPU the kernels run under Triton's interpreter when `TRITON_INTERPRET=1`
@@ -37,9 +39,9 @@ except ImportError:  # the model falls back to its PyTorch attention path
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import cdiv, device_context, launch, next_power_of_2, relaunch
+    from .triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, relaunch, route
 except ImportError:
-    from triton_launch import cdiv, device_context, launch, next_power_of_2, relaunch
+    from triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, relaunch, route
 
 __all__ = [
     "HAS_TRITON",
@@ -661,15 +663,6 @@ def _slopes_strides(alibi_slopes):
     return alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1)
 
 
-def _through_op(*tensors):
-    """True when the call must go through the custom op: torch.compile is tracing it (the op's fake
-    implementation), or autograd records it (the op's backward). Otherwise the launcher runs directly, without the
-    dispatcher's per-call host cost."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # The config the autotuner chose, per (kernel, seqlen bucket, dtype, device, constexprs). After a key's first
 # launch (which tunes), later launches go straight to the tuned kernel: the autotuner's per-call bookkeeping costs
 # about as much host time as the launch itself, which is what a small batch's attention call waits on.
@@ -913,6 +906,9 @@ def _register_ops():
 
 if HAS_TRITON:
     _register_ops()
+# What eager autograd calls instead of the ops with a backward (`route`): the same implementation and formula.
+_FUNCTIONS = {name: autograd_function(name, impl, setup_context, backward)
+              for name, (_, impl, _, backward, setup_context) in _OPS.items() if backward is not None}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -953,10 +949,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
         _assert_max_seqlen("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
-    if _through_op(q, k, v):
-        out, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), alibi_slopes
-        )
+    how = route(q, k, v)
+    if how is not None:
+        op = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default if how == "op" else (
+            _FUNCTIONS["flash_attn_varlen_fwd"].apply)
+        out, _ = op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal),
+                    alibi_slopes)
     else:
         out, _ = _flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                      bool(causal), alibi_slopes, store_lse=False)
@@ -998,10 +996,11 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     max_seqlen = _max_seqlen_arg("max_seqlen", max_seqlen)
     if not max_seqlen_checked:
         _assert_max_seqlen("max_seqlen", cu_seqlens, max_seqlen)
-    if _through_op(qkv):
-        out, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
-            qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes
-        )
+    how = route(qkv)
+    if how is not None:
+        op = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default if how == "op" else (
+            _FUNCTIONS["flash_attn_varlen_qkvpacked_fwd"].apply)
+        out, _ = op(qkv, cu_seqlens, max_seqlen, softmax_scale, bool(causal), alibi_slopes)
     else:  # the views of qkv checked above, straight to the launcher
         q, k, v = qkv.unbind(1)
         out, _ = _flash_attn_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
@@ -1036,7 +1035,7 @@ class PackedSelfAttention:
         self._kept = None  # (kept kernel, grid, non-pointer arguments, (q, out) addresses mod 16) of the last launch
 
     def __call__(self, qkv):
-        if isinstance(qkv, torch.Tensor) and _through_op(qkv):
+        if isinstance(qkv, torch.Tensor) and route(qkv) is not None:
             return flash_attn_varlen_qkvpacked_func(
                 qkv, self.cu_seqlens, self.max_seqlen, softmax_scale=self.softmax_scale, causal=self.causal,
                 alibi_slopes=self.alibi_slopes, max_seqlen_checked=True,

@@ -11,7 +11,9 @@ Layers, top to bottom: Triton kernels -> launchers (validate, allocate, launch) 
 `mosaic_bert::cross_entropy_fwd/_bwd`) with fake implementations and autograd, so `torch.compile(fullgraph=True)`
 traces through them -> the public functions `gated_gelu`, `add_dropout_layer_norm` and `cross_entropy`, which take
 the kernels on CUDA and otherwise compute the same thing
-with plain PyTorch ops (which inductor fuses on its own).
+with plain PyTorch ops (which inductor fuses on its own). In eager mode the public functions skip the dispatcher
+(`triton_launch.route`): the launcher directly when nothing records a graph, and when autograd records one, a
+`torch.autograd.Function` over the op's own implementation and formula (the host cost of a small batch's step).
 
 The file imports without Triton. Under Triton's interpreter (`TRITON_INTERPRET=1` set before triton is first
 imported) the kernels also run on CPU tensors, slowly; that path is never chosen automatically, only with
@@ -38,9 +40,9 @@ except ImportError:  # the public functions fall back to PyTorch ops
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import cdiv, device_context, launch, next_power_of_2
+    from .triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, route
 except ImportError:
-    from triton_launch import cdiv, device_context, launch, next_power_of_2
+    from triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, route
 
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -104,15 +106,6 @@ def _take_triton(use_triton, tensor, supported=True):
     if not supported:
         raise ValueError(f"the fused kernels take fp16/bf16/fp32 inputs with rows of at most {_MAX_ROW_BYTES} bytes")
     return True
-
-
-def _through_op(*tensors):
-    """True when the call must go through the custom op: torch.compile is tracing it (the op's fake
-    implementation), or autograd records it (the op's backward). Otherwise the launcher runs directly, without the
-    dispatcher's per-call host cost, which is most of a small batch's time."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 if HAS_TRITON:
@@ -753,6 +746,70 @@ def _op_defined(name):
     return hasattr(torch.ops.mosaic_bert, name)
 
 
+# The autograd formulas, one per custom op with a backward: registered with the op (torch.compile) and made the
+# `torch.autograd.Function` that eager autograd calls (`route`).
+def _gated_gelu_setup_context(ctx, inputs, output):
+    x, seed, dropout_p = inputs
+    ctx.save_for_backward(x, seed)
+    ctx.dropout_p = dropout_p
+
+
+def _gated_gelu_autograd_backward(ctx, grad_out):
+    x, seed = ctx.saved_tensors
+    return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x, seed, ctx.dropout_p), None, None
+
+
+def _add_dropout_layer_norm_fwd_impl(x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
+    # (out, copy, mean, rstd); copy is out in copy_dtype, or an empty tensor when copy_dtype is None
+    copy = x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or out_dtype)
+    out, mean, rstd = _add_dropout_layer_norm_forward(
+        x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy=copy if copy_dtype is not None else None,
+        x_bias=x_bias,
+    )
+    return out, copy, mean, rstd
+
+
+def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
+    x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
+    _, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, x_bias, residual, weight, bias, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.has_residual = residual is not None
+    ctx.has_copy = copy_dtype is not None
+
+
+def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
+    x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dres, partials = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
+        grad_out, grad_copy if ctx.has_copy else None, x, x_bias, residual, weight, bias, mean, rstd, seed,
+        ctx.dropout_p,
+    )
+    dw, db, dxb = _layer_norm_param_grads(partials, weight, bias, x_bias)
+    return dx, dxb, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    logits, target = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, target, lse)
+
+
+def _cross_entropy_autograd_backward(ctx, grad_loss, grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    return torch.ops.mosaic_bert.cross_entropy_bwd(grad_loss, logits, target, lse), None
+
+
+_GatedGelu = autograd_function("GatedGelu", _gated_gelu_forward, _gated_gelu_setup_context,
+                               _gated_gelu_autograd_backward)
+_AddDropoutLayerNorm = autograd_function("AddDropoutLayerNorm", _add_dropout_layer_norm_fwd_impl,
+                                         _add_dropout_layer_norm_setup_context,
+                                         _add_dropout_layer_norm_autograd_backward)
+_CrossEntropy = autograd_function("CrossEntropy", _cross_entropy_forward, _cross_entropy_setup_context,
+                                  _cross_entropy_autograd_backward)
+
+
 if _HAS_CUSTOM_OP and not _op_defined("gated_gelu_fwd"):
 
     @torch.library.custom_op("mosaic_bert::gated_gelu_fwd", mutates_args=())
@@ -773,15 +830,6 @@ if _HAS_CUSTOM_OP and not _op_defined("gated_gelu_fwd"):
     def _(grad_out, x, seed, dropout_p):
         return torch.empty_like(x)
 
-    def _gated_gelu_setup_context(ctx, inputs, output):
-        x, seed, dropout_p = inputs
-        ctx.save_for_backward(x, seed)
-        ctx.dropout_p = dropout_p
-
-    def _gated_gelu_autograd_backward(ctx, grad_out):
-        x, seed = ctx.saved_tensors
-        return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x, seed, ctx.dropout_p), None, None
-
     _gated_gelu_fwd_op.register_autograd(_gated_gelu_autograd_backward, setup_context=_gated_gelu_setup_context)
 
 
@@ -800,13 +848,8 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         out_dtype: torch.dtype,
         copy_dtype: Optional[torch.dtype],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (out, copy, mean, rstd); copy is out in copy_dtype, or an empty tensor when copy_dtype is None
-        copy = x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or out_dtype)
-        out, mean, rstd = _add_dropout_layer_norm_forward(
-            x, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy=copy if copy_dtype is not None else None,
-            x_bias=x_bias,
-        )
-        return out, copy, mean, rstd
+        return _add_dropout_layer_norm_fwd_impl(x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype,
+                                                copy_dtype)
 
     @_add_dropout_layer_norm_fwd_op.register_fake
     def _(x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
@@ -844,24 +887,6 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         partials = x.new_empty((2 if x_bias is None else 3, programs, x.shape[-1]), dtype=torch.float32)
         return torch.empty_like(x), dres, partials
 
-    def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
-        x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
-        _, _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, x_bias, residual, weight, bias, mean, rstd, seed)
-        ctx.dropout_p = dropout_p
-        ctx.has_residual = residual is not None
-        ctx.has_copy = copy_dtype is not None
-
-    def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
-        x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        dx, dres, partials = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
-            grad_out, grad_copy if ctx.has_copy else None, x, x_bias, residual, weight, bias, mean, rstd, seed,
-            ctx.dropout_p,
-        )
-        dw, db, dxb = _layer_norm_param_grads(partials, weight, bias, x_bias)
-        return dx, dxb, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
-
     _add_dropout_layer_norm_fwd_op.register_autograd(
         _add_dropout_layer_norm_autograd_backward, setup_context=_add_dropout_layer_norm_setup_context
     )
@@ -887,16 +912,6 @@ if _HAS_CUSTOM_OP and not _op_defined("cross_entropy_fwd"):
     @_cross_entropy_bwd_op.register_fake
     def _(grad_loss, logits, target, lse):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def _cross_entropy_setup_context(ctx, inputs, output):
-        logits, target = inputs
-        _, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, target, lse)
-
-    def _cross_entropy_autograd_backward(ctx, grad_loss, grad_lse):
-        logits, target, lse = ctx.saved_tensors
-        return torch.ops.mosaic_bert.cross_entropy_bwd(grad_loss, logits, target, lse), None
 
     _cross_entropy_fwd_op.register_autograd(
         _cross_entropy_autograd_backward, setup_context=_cross_entropy_setup_context
@@ -948,8 +963,11 @@ def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
     dropout_p = float(dropout_p) if training else 0.0
     if _take_triton(use_triton, x, x.dtype in _SUPPORTED_DTYPES):
         seed = _dropout_seed(dropout_p, x)
-        if _through_op(x):
+        how = route(x)
+        if how == "op":
             return torch.ops.mosaic_bert.gated_gelu_fwd(x, seed, dropout_p)
+        if how == "function":
+            return _GatedGelu.apply(x, seed, dropout_p)
         return _gated_gelu_forward(x, seed, dropout_p)
     # reference path: what the kernel computes, in PyTorch ops
     gate, value = x.split(x.shape[-1] // 2, dim=-1)
@@ -1067,8 +1085,11 @@ def cross_entropy(logits, target, use_triton=None):
     if _take_triton(use_triton, logits, supported):
         logits2 = logits if logits.stride(1) == 1 else logits.contiguous()
         target = target.long().contiguous()
-        if _through_op(logits2):
+        how = route(logits2)
+        if how == "op":
             loss, _ = torch.ops.mosaic_bert.cross_entropy_fwd(logits2, target)
+        elif how == "function":
+            loss, _ = _CrossEntropy.apply(logits2, target)
         else:
             loss, _ = _cross_entropy_forward(logits2, target)
         return loss
@@ -1133,10 +1154,11 @@ def add_dropout_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0, traini
     )
     if _take_triton(use_triton, x, supported):
         seed = _dropout_seed(dropout_p, x)
-        if _through_op(x, x_bias, residual, weight, bias):
-            out, copy, _, _ = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(
-                x, x_bias, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, copy_dtype
-            )
+        how = route(x, x_bias, residual, weight, bias)
+        if how is not None:
+            args = (x, x_bias, residual, weight, bias, seed, float(eps), dropout_p, out_dtype, copy_dtype)
+            op = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd if how == "op" else _AddDropoutLayerNorm.apply
+            out, copy, _, _ = op(*args)
         else:
             copy = None if copy_dtype is None else torch.empty(x.shape, dtype=copy_dtype, device=x.device)
             out, _, _ = _add_dropout_layer_norm_forward(

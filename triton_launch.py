@@ -36,13 +36,38 @@ except ImportError:  # triton < 3.4: no fast path (FAST_LAUNCH below is off)
 __all__ = [
     "FAST_LAUNCH",
     "MAX_KEPT",
+    "autograd_function",
     "cdiv",
     "device_context",
     "launch",
     "launch_signature",
     "next_power_of_2",
     "relaunch",
+    "route",
 ]
+
+
+def route(*tensors):
+    """How a call of a kernel with a custom op runs: "op" while torch.compile or torch.jit traces it (the op, with its
+    fake implementation and registered backward); "function" when eager autograd records it (`autograd_function`:
+    the op's own implementation, setup and backward, without the dispatcher and torch.library's wrappers, which cost
+    more host time than the launch); None otherwise: the launcher directly."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return "op"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "function"
+    return None
+
+
+def autograd_function(name, forward, setup_context, backward):
+    """A `torch.autograd.Function` named `name` from a custom op's implementation (`forward`, the op's arguments)
+    and the `setup_context` and `backward` registered as its autograd formula: the same computation and gradients as
+    the op, for eager autograd (`route`)."""
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
 
 
 def _triton_version():

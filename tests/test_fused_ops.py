@@ -495,17 +495,55 @@ def test_automatic_choice_never_takes_the_interpreter():
 
 
 @requires_kernels
-def test_use_triton_dispatches_the_custom_ops_when_autograd_records(monkeypatch):
+def test_eager_autograd_takes_the_function_and_its_backward_the_ops(monkeypatch):
+    # Eager autograd records an autograd.Function over the op's implementation (no forward op dispatched: the
+    # dispatcher's host cost is skipped); its backward is the op's formula, which dispatches the backward op.
     x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
     x.requires_grad_(True)
-    assert mosaic_ops_called(gated_gelu, x, use_triton=True) == ["mosaic_bert::gated_gelu_fwd"]
-    called = mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5, use_triton=True)
-    assert called == ["mosaic_bert::add_dropout_layer_norm_fwd"]
+    outs = {}
+
+    def record(name, fn, *args, **kwargs):
+        outs[name] = fn(*args, **kwargs)
+
+    assert mosaic_ops_called(record, "gelu", gated_gelu, x, use_triton=True) == []
+    assert mosaic_ops_called(record, "ln", add_dropout_layer_norm, x, residual, weight, bias, 1e-5,
+                             use_triton=True) == []
+    logits = rand(4, 10).requires_grad_(True)
+    assert mosaic_ops_called(record, "ce", fused_ops.cross_entropy, logits, torch.tensor([1, 0, 9, 3]),
+                             use_triton=True) == []
+    assert type(outs["gelu"].grad_fn).__name__ == "GatedGeluBackward"
+    assert type(outs["ln"].grad_fn).__name__ == "AddDropoutLayerNormBackward"
+    assert type(outs["ce"].grad_fn).__name__ == "CrossEntropyBackward"
+    for name, bwd in [("gelu", "gated_gelu_bwd"), ("ln", "add_dropout_layer_norm_bwd"), ("ce", "cross_entropy_bwd")]:
+        called = mosaic_ops_called(lambda out=outs[name]: out.sum().backward(retain_graph=True))
+        assert called == [f"mosaic_bert::{bwd}"], (name, called)
     # the module-level default does the same for use_triton=None
     monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", True)
-    assert mosaic_ops_called(gated_gelu, x) == ["mosaic_bert::gated_gelu_fwd"]
+    assert type(gated_gelu(x).grad_fn).__name__ == "GatedGeluBackward"
     monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", False)
     assert mosaic_ops_called(gated_gelu, x.to(DEVICE)) == []
+
+
+@requires_kernels
+def test_eager_function_and_custom_op_give_the_same_values_and_gradients():
+    # The two ways autograd can record a kernel call (eager: the Function; traced: the op) compute the same thing.
+    x, residual, weight, bias = leaves(*ln_inputs(5, 24, torch.float32, residual_dtype=torch.float32))
+    grad = rand(5, 24, seed=3)
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    args = (x, None, residual, weight, bias, seed, 1e-5, 0.25, torch.float32, None)
+    via_function = fused_ops._AddDropoutLayerNorm.apply(*args)[0]
+    via_op = torch.ops.mosaic_bert.add_dropout_layer_norm_fwd(*args)[0]
+    torch.testing.assert_close(via_function, via_op, rtol=0, atol=0)
+    inputs = (x, residual, weight, bias)
+    for a, b in zip(torch.autograd.grad(via_function, inputs, grad), torch.autograd.grad(via_op, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (g,) = leaves(rand(4, 32, seed=4))
+    via_function = fused_ops._GatedGelu.apply(g, seed, 0.5)
+    via_op = torch.ops.mosaic_bert.gated_gelu_fwd(g, seed, 0.5)
+    torch.testing.assert_close(via_function, via_op, rtol=0, atol=0)
+    grad = rand(4, 16, seed=6)
+    torch.testing.assert_close(torch.autograd.grad(via_function, g, grad)[0], torch.autograd.grad(via_op, g, grad)[0],
+                               rtol=0, atol=0)
 
 
 @requires_kernels
@@ -517,9 +555,9 @@ def test_without_autograd_the_kernels_launch_directly_with_the_same_result():
         assert mosaic_ops_called(add_dropout_layer_norm, x, residual, weight, bias, 1e-5, use_triton=True) == []
         direct = gated_gelu(x, use_triton=True), add_dropout_layer_norm(x, residual, weight, bias, 1e-5,
                                                                         use_triton=True)
-    through_op = (gated_gelu(x.requires_grad_(True), use_triton=True),
+    recorded = (gated_gelu(x.requires_grad_(True), use_triton=True),
                   add_dropout_layer_norm(x, residual, weight, bias, 1e-5, use_triton=True))
-    for a, b in zip(direct, through_op):
+    for a, b in zip(direct, recorded):
         assert b.grad_fn is not None and a.grad_fn is None
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
