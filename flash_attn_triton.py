@@ -39,9 +39,27 @@ except ImportError:  # the model falls back to its PyTorch attention path
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, relaunch, route
+    from .triton_launch import (
+        autograd_function,
+        backward_direct,
+        cdiv,
+        device_context,
+        launch,
+        next_power_of_2,
+        relaunch,
+        route,
+    )
 except ImportError:
-    from triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, relaunch, route
+    from triton_launch import (
+        autograd_function,
+        backward_direct,
+        cdiv,
+        device_context,
+        launch,
+        next_power_of_2,
+        relaunch,
+        route,
+    )
 
 __all__ = [
     "HAS_TRITON",
@@ -826,7 +844,8 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mosaic_bert.flash_attn_varlen_bwd.default(
+    bwd = _varlen_bwd if backward_direct(dout, q, k, v) else torch.ops.mosaic_bert.flash_attn_varlen_bwd.default
+    dq, dk, dv = bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale,
         ctx.causal, alibi_slopes,
     )
@@ -866,7 +885,9 @@ def _qkvpacked_setup_context(ctx, inputs, output):
 
 def _qkvpacked_backward(ctx, dout, dlse):
     qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
-    dqkv = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd.default(
+    bwd = (_qkvpacked_bwd if backward_direct(dout, qkv)
+           else torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd.default)
+    dqkv = bwd(
         dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal, alibi_slopes
     )
     return dqkv, None, None, None, None, None

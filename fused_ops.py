@@ -40,9 +40,9 @@ except ImportError:  # the public functions fall back to PyTorch ops
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, route
+    from .triton_launch import autograd_function, backward_direct, cdiv, device_context, launch, next_power_of_2, route
 except ImportError:
-    from triton_launch import autograd_function, cdiv, device_context, launch, next_power_of_2, route
+    from triton_launch import autograd_function, backward_direct, cdiv, device_context, launch, next_power_of_2, route
 
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -756,7 +756,8 @@ def _gated_gelu_setup_context(ctx, inputs, output):
 
 def _gated_gelu_autograd_backward(ctx, grad_out):
     x, seed = ctx.saved_tensors
-    return torch.ops.mosaic_bert.gated_gelu_bwd(grad_out, x, seed, ctx.dropout_p), None, None
+    bwd = _gated_gelu_backward if backward_direct(grad_out, x) else torch.ops.mosaic_bert.gated_gelu_bwd
+    return bwd(grad_out, x, seed, ctx.dropout_p), None, None
 
 
 def _add_dropout_layer_norm_fwd_impl(x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype):
@@ -767,6 +768,14 @@ def _add_dropout_layer_norm_fwd_impl(x, x_bias, residual, weight, bias, seed, ep
         x_bias=x_bias,
     )
     return out, copy, mean, rstd
+
+
+def _add_dropout_layer_norm_bwd_impl(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed,
+                                     dropout_p):
+    # (d_x, d_residual, the parameters' partial sums); the autograd formula reduces the partial sums
+    return _add_dropout_layer_norm_backward(
+        grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy, x_bias=x_bias
+    )
 
 
 def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
@@ -781,10 +790,10 @@ def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
 
 def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
     x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dres, partials = torch.ops.mosaic_bert.add_dropout_layer_norm_bwd(
-        grad_out, grad_copy if ctx.has_copy else None, x, x_bias, residual, weight, bias, mean, rstd, seed,
-        ctx.dropout_p,
-    )
+    grad_copy = grad_copy if ctx.has_copy else None
+    bwd = (_add_dropout_layer_norm_bwd_impl if backward_direct(grad_out, grad_copy, x, x_bias, residual, weight)
+           else torch.ops.mosaic_bert.add_dropout_layer_norm_bwd)
+    dx, dres, partials = bwd(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed, ctx.dropout_p)
     dw, db, dxb = _layer_norm_param_grads(partials, weight, bias, x_bias)
     return dx, dxb, dres if ctx.has_residual else None, dw, db, None, None, None, None, None
 
@@ -798,7 +807,8 @@ def _cross_entropy_setup_context(ctx, inputs, output):
 
 def _cross_entropy_autograd_backward(ctx, grad_loss, grad_lse):
     logits, target, lse = ctx.saved_tensors
-    return torch.ops.mosaic_bert.cross_entropy_bwd(grad_loss, logits, target, lse), None
+    bwd = _cross_entropy_backward if backward_direct(grad_loss, logits) else torch.ops.mosaic_bert.cross_entropy_bwd
+    return bwd(grad_loss, logits, target, lse), None
 
 
 _GatedGelu = autograd_function("GatedGelu", _gated_gelu_forward, _gated_gelu_setup_context,
@@ -875,10 +885,8 @@ if _HAS_CUSTOM_OP and not _op_defined("add_dropout_layer_norm_fwd"):
         seed: Optional[torch.Tensor],
         dropout_p: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (d_x, d_residual, the parameters' partial sums); the autograd formula reduces the partial sums
-        return _add_dropout_layer_norm_backward(
-            grad_out, x, residual, weight, bias, mean, rstd, seed, dropout_p, grad_copy=grad_copy, x_bias=x_bias
-        )
+        return _add_dropout_layer_norm_bwd_impl(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd,
+                                                seed, dropout_p)
 
     @_add_dropout_layer_norm_bwd_op.register_fake
     def _(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed, dropout_p):

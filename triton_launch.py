@@ -37,6 +37,7 @@ __all__ = [
     "FAST_LAUNCH",
     "MAX_KEPT",
     "autograd_function",
+    "backward_direct",
     "cdiv",
     "device_context",
     "launch",
@@ -44,19 +45,45 @@ __all__ = [
     "next_power_of_2",
     "relaunch",
     "route",
+    "tracing",
 ]
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def tracing(*tensors):
+    """True while something traces or intercepts a kernel call: torch.compile, torch.export or torch.jit, a
+    `__torch_dispatch__` mode (fake tensors, make_fx, FlopCounterMode), a functorch transform, or tensor subclasses
+    among `tensors` (fake or functional tensors). Such calls take the custom op, whose fake implementation and
+    registered autograd those tracers understand; launching a kernel on them directly would fail or go unseen."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or any(t is not None and type(t) not in _PLAIN for t in tensors)
+    )
+
+
 def route(*tensors):
-    """How a call of a kernel with a custom op runs: "op" while torch.compile or torch.jit traces it (the op, with its
+    """How a call of a kernel with a custom op runs: "op" while something traces it (`tracing`: the op, with its
     fake implementation and registered backward); "function" when eager autograd records it (`autograd_function`:
     the op's own implementation, setup and backward, without the dispatcher and torch.library's wrappers, which cost
     more host time than the launch); None otherwise: the launcher directly."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if tracing(*tensors):
         return "op"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "function"
     return None
+
+
+def backward_direct(*tensors):
+    """Whether an autograd formula may call its backward op's implementation directly instead of the op: in the
+    autograd engine's eager backward (grad mode off) with nothing tracing (`tracing`). Under `create_graph=True`
+    grad mode is on and the formula takes the op, which has no autograd of its own and says so when a second
+    derivative reaches it, rather than handing back a gradient with no history."""
+    return not torch.is_grad_enabled() and not tracing(*tensors)
 
 
 def autograd_function(name, forward, setup_context, backward):

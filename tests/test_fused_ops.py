@@ -463,22 +463,12 @@ def test_backward_is_deterministic():
 # Dispatch, torch.compile, re-import
 # ------------------------------------------------------------------------------------------------------------
 def mosaic_ops_called(fn, *args, **kwargs):
-    """Names of the mosaic_bert custom ops that `fn(*args, **kwargs)` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "mosaic_bert":
-                self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    with Recorder() as recorder:
+    """Names of the mosaic_bert custom ops that `fn(*args, **kwargs)` dispatches, in order, seen by the profiler
+    (which, unlike a dispatch mode, does not itself send the calls through the ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn(*args, **kwargs)
-    return recorder.names
+    events = sorted(profile.events(), key=lambda event: event.time_range.start)
+    return [event.name for event in events if event.name.startswith("mosaic_bert::")]
 
 
 def test_automatic_choice_never_takes_the_interpreter():
@@ -495,9 +485,10 @@ def test_automatic_choice_never_takes_the_interpreter():
 
 
 @requires_kernels
-def test_eager_autograd_takes_the_function_and_its_backward_the_ops(monkeypatch):
+def test_eager_autograd_takes_the_function_and_its_backward_the_implementation(monkeypatch):
     # Eager autograd records an autograd.Function over the op's implementation (no forward op dispatched: the
-    # dispatcher's host cost is skipped); its backward is the op's formula, which dispatches the backward op.
+    # dispatcher's host cost is skipped); its backward, the op's formula, calls the backward op's implementation
+    # directly too.
     x, residual, weight, bias = ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32)
     x.requires_grad_(True)
     outs = {}
@@ -516,7 +507,7 @@ def test_eager_autograd_takes_the_function_and_its_backward_the_ops(monkeypatch)
     assert type(outs["ce"].grad_fn).__name__ == "CrossEntropyBackward"
     for name, bwd in [("gelu", "gated_gelu_bwd"), ("ln", "add_dropout_layer_norm_bwd"), ("ce", "cross_entropy_bwd")]:
         called = mosaic_ops_called(lambda out=outs[name]: out.sum().backward(retain_graph=True))
-        assert called == [f"mosaic_bert::{bwd}"], (name, called)
+        assert called == [], (name, called)
     # the module-level default does the same for use_triton=None
     monkeypatch.setattr(fused_ops, "DEFAULT_USE_TRITON", True)
     assert type(gated_gelu(x).grad_fn).__name__ == "GatedGeluBackward"
@@ -544,6 +535,55 @@ def test_eager_function_and_custom_op_give_the_same_values_and_gradients():
     grad = rand(4, 16, seed=6)
     torch.testing.assert_close(torch.autograd.grad(via_function, g, grad)[0], torch.autograd.grad(via_op, g, grad)[0],
                                rtol=0, atol=0)
+
+
+@requires_kernels
+def test_a_second_derivative_through_a_kernel_fails_clearly():
+    # create_graph=True runs the formula with grad mode on: it takes the backward op, which has no formula of its
+    # own, so the second backward raises instead of returning a gradient without the kernel's contribution.
+    x, residual, weight, bias = leaves(*ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32))
+    cases = {
+        "gated_gelu_bwd": lambda: gated_gelu(x, use_triton=True),
+        "add_dropout_layer_norm_bwd": lambda: add_dropout_layer_norm(x, residual, weight, bias, 1e-5,
+                                                                     use_triton=True),
+        "cross_entropy_bwd": lambda: fused_ops.cross_entropy(x, torch.tensor([1, 0, 9], device=DEVICE),
+                                                                  use_triton=True),
+    }
+    for name, forward in cases.items():
+        (grad,) = torch.autograd.grad(forward().square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"mosaic_bert.{name}.*no autograd formula"):
+            grad.sum().backward()
+
+
+@requires_kernels
+def test_dispatch_modes_and_fake_tensors_get_the_ops():
+    # Anything that intercepts dispatch (a TorchDispatchMode such as FlopCounterMode, fake tensors) sees the custom
+    # ops, forward and backward, instead of a launch it cannot follow.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "mosaic_bert":
+                self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x, residual, weight, bias = leaves(*ln_inputs(3, 16, torch.float32, residual_dtype=torch.float32))
+    with Recorder():
+        out = add_dropout_layer_norm(gated_gelu(torch.cat([x, x], -1), use_triton=True), residual, weight, bias,
+                                     1e-5, use_triton=True)
+        out.sum().backward()
+    assert Recorder.names == ["mosaic_bert::gated_gelu_fwd", "mosaic_bert::add_dropout_layer_norm_fwd",
+                              "mosaic_bert::add_dropout_layer_norm_bwd", "mosaic_bert::gated_gelu_bwd"]
+    with FakeTensorMode():
+        fake = torch.empty(3, 32, device=DEVICE, requires_grad=True)
+        out = gated_gelu(fake, use_triton=True)
+        out.sum().backward()
+        assert out.shape == (3, 16) and fake.grad.shape == (3, 32)
+    with torch.no_grad(), FakeTensorMode():
+        assert gated_gelu(torch.empty(3, 32, device=DEVICE), use_triton=True).shape == (3, 16)
 
 
 @requires_kernels
