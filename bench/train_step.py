@@ -4,6 +4,7 @@
     python bench/train_step.py --batches long:256:128   # other batches: 128 sequences of 256 tokens
     python bench/train_step.py --long               # + long sequences (2048 / 4096 / 8192): time and memory
     python bench/train_step.py --curve FILE.txt.xz  # + loss curves with low-precision vs fp32 LayerNorm
+    python bench/train_step.py --repo ../other-checkout  # + that checkout's model beside this one
 
 Every model trains (forward, backward, fused AdamW) on the same token batches with 30% of the real tokens
 masked. Reported: real (non-padding) tokens/s, peak memory, and MFU =
@@ -61,13 +62,15 @@ def useful_flops_per_token(n_nonembedding, hidden, layers, vocab, lengths, mask_
     return 6 * n_nonembedding + attention + head
 
 
-def ours(backend="triton", low_precision_layernorm=False, compile=False, fused=True, sparse=False, **overrides):
+def ours(backend="triton", low_precision_layernorm=False, compile=False, fused=True, sparse=False, repo=REPO,
+         **overrides):
     """MosaicBERT-base. `fused=False` runs the element-wise work as plain PyTorch ops instead of the fused Triton
     kernels; `sparse` returns compact MLM logits (what the pretraining script uses); `compile` compiles the whole
-    model with fullgraph=True (unpadding's data-dependent sizes captured by dynamo)."""
+    model with fullgraph=True (unpadding's data-dependent sizes captured by dynamo); `repo` is the checkout whose
+    model code runs."""
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
     config = AutoConfig.from_pretrained(
-        REPO, trust_remote_code=True, attention_backend=backend, low_precision_layernorm=low_precision_layernorm,
+        repo, trust_remote_code=True, attention_backend=backend, low_precision_layernorm=low_precision_layernorm,
         sparse_prediction=sparse, **{**base, **overrides},
     )
     model = AutoModelForMaskedLM.from_config(config, trust_remote_code=True)
@@ -264,9 +267,14 @@ def main():
     parser.add_argument("--curve", help="a .txt.xz corpus file for the fused/unfused loss-curve comparison")
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--repo", nargs="*", default=[],
+                        help="other MosaicBERT checkouts: adds a 'mosaic triton+sparse <checkout>' row for each")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run on tiny batches")
     args = parser.parse_args()
     global DEVICE, SMOKE
+    for repo in args.repo:
+        VARIANTS[f"mosaic triton+sparse {repo}"] = lambda repo=repo: ours("triton", sparse=True,
+                                                                          repo=Path(repo).resolve())
     if args.smoke:
         DEVICE, SMOKE = "cpu", True
         args.steps, args.warmup, args.curve_steps = 1, 0, 2
