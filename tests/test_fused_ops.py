@@ -558,7 +558,7 @@ def test_a_second_derivative_through_a_kernel_fails_clearly():
 @requires_kernels
 def test_dispatch_modes_and_fake_tensors_get_the_ops():
     # Anything that intercepts dispatch (a TorchDispatchMode such as FlopCounterMode, fake tensors) sees the custom
-    # ops, forward and backward, instead of a launch it cannot follow.
+    # ops, forward and backward, instead of a launch it cannot follow; so do functorch transforms.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -584,6 +584,10 @@ def test_dispatch_modes_and_fake_tensors_get_the_ops():
         assert out.shape == (3, 16) and fake.grad.shape == (3, 32)
     with torch.no_grad(), FakeTensorMode():
         assert gated_gelu(torch.empty(3, 32, device=DEVICE), use_triton=True).shape == (3, 16)
+    # functorch's vmap: the op (through vmap's per-sample fallback), not a launch on a batched tensor
+    batched = rand(2, 3, 32, seed=9)
+    torch.testing.assert_close(torch.func.vmap(lambda t: gated_gelu(t, use_triton=True))(batched),
+                               torch.stack([gated_gelu(t, use_triton=True) for t in batched]), rtol=0, atol=0)
 
 
 @requires_kernels
