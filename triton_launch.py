@@ -50,6 +50,11 @@ __all__ = [
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+# bound once: `tracing` runs before every kernel call, and each attribute lookup on torch._C costs host time
+_is_compiling = torch.compiler.is_compiling
+_jit_tracing_state = torch._C._get_tracing_state
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_interpreter = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
 def tracing(*tensors):
@@ -57,13 +62,14 @@ def tracing(*tensors):
     `__torch_dispatch__` mode (fake tensors, make_fx, FlopCounterMode), a functorch transform, or tensor subclasses
     among `tensors` (fake or functional tensors). Such calls take the custom op, whose fake implementation and
     registered autograd those tracers understand; launching a kernel on them directly would fail or go unseen."""
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or any(t is not None and type(t) not in _PLAIN for t in tensors)
-    )
+    if _is_compiling() or _dispatch_modes() or _jit_tracing_state() is not None:
+        return True
+    if _functorch_interpreter() is not None:
+        return True
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return True
+    return False
 
 
 def route(*tensors):
