@@ -40,9 +40,27 @@ except ImportError:  # the public functions fall back to PyTorch ops
     HAS_TRITON = False
 
 try:  # the package's modules import each other relatively; tests and scripts import this file on its own
-    from .triton_launch import autograd_function, backward_direct, cdiv, device_context, launch, next_power_of_2, route
+    from .triton_launch import (
+        autograd_function,
+        backward_direct,
+        cdiv,
+        device_context,
+        launch,
+        next_power_of_2,
+        route,
+        tracing,
+    )
 except ImportError:
-    from triton_launch import autograd_function, backward_direct, cdiv, device_context, launch, next_power_of_2, route
+    from triton_launch import (
+        autograd_function,
+        backward_direct,
+        cdiv,
+        device_context,
+        launch,
+        next_power_of_2,
+        route,
+        tracing,
+    )
 
 try:  # host-side TMA descriptors (triton >= 3.4): the gated GEMM below needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1047,7 +1065,7 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
         )
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    compiling = torch.compiler.is_compiling()
+    traced = tracing(x, weight)  # torch.compile, fake tensors, dispatch modes: the op
     # What both special paths need: nothing records a graph (neither has a backward, and a saved GEMM output must
     # not be overwritten), and F.linear would compute in x's dtype on x's device (else it casts, or raises).
     plain_inference = (
@@ -1064,11 +1082,11 @@ def gated_linear_gelu(x, weight, dropout_p=0.0, training=False, use_triton=None)
         and _take_triton(use_triton, x)
         and _gated_gemm_capable(x.device)
     ):
-        if compiling:
+        if traced:
             return torch.ops.mosaic_bert.gated_linear_gelu(x, weight)
         return _gated_linear_gelu_forward(x, weight)
     reuse_buffer = getattr(_CPU_SCRATCH, "buffers", None) is not None  # inside `reuse_cpu_gemm_output`
-    if plain_inference and reuse_buffer and x.device.type == "cpu" and not compiling:
+    if plain_inference and reuse_buffer and x.device.type == "cpu" and not traced:
         # gated_gelu returns a new tensor: nothing handed back aliases the reused buffer
         gated = _cpu_gemm_into_scratch(x, weight)
     else:
