@@ -129,8 +129,26 @@ def _take_triton(use_triton, tensor, supported=True):
 if HAS_TRITON:
 
     @triton.jit
+    def _normal_cdf(g):
+        # Phi(g), the standard normal CDF of the exact GELU, to fp32 accuracy in fewer instructions than
+        # (1 + erf(g / sqrt(2))) / 2 (20 SASS instructions an element against 34; `bench/epilogue_sass.py`): the
+        # sigmoid of q(g), an odd polynomial of degree 13 fitted (weighted minimax in float64) to log2(Phi / (1 - Phi))
+        # on [-6, 6], the argument clamped there (beyond, Phi is 0 or 1 in fp32). g * Phi(g) against float64:
+        # |error| <= 9.5e-7 on [-30, 30] (torch's fp32 erf GELU: 1.2e-6), relative error <= 6.3e-5 where the GELU
+        # exceeds 1e-3 in magnitude (torch: 9.3e-4). NaN stays NaN in g * Phi(g).
+        c = tl.minimum(tl.maximum(g, -6.0), 6.0)
+        c2 = c * c
+        q = 5.220765597613308e-09 * c2 - 3.856254124912084e-07
+        q = q * c2 + 1.1464014278317336e-05
+        q = q * c2 - 0.00015949865337461233
+        q = q * c2 - 9.508665243629366e-05
+        q = q * c2 + 0.10483750700950623
+        q = q * c2 + 2.3022079467773438
+        return 1.0 / (1.0 + tl.exp2(-(q * c)))
+
+    @triton.jit
     def _gelu_times(gate, value):
-        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * value  # exact GELU(gate) * value
+        return gate * _normal_cdf(gate) * value  # exact GELU(gate) * value
 
     @triton.jit
     def _dropout_keep(seed, row_offset, col0, dropout_p, BLOCK_N: tl.constexpr):
@@ -189,7 +207,7 @@ if HAS_TRITON:
             keep = _dropout_keep(tl.load(Seed), row * inter, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_N)
             grad = tl.where(keep, grad * scale, 0.0)
         # GELU is recomputed, not stored: d/dg [g * Phi(g)] = Phi(g) + g * phi(g).
-        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))  # Phi(g) = (1 + erf(g / sqrt(2))) / 2
+        cdf = _normal_cdf(gate)  # the forward's Phi(g)
         pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1 / sqrt(2 pi)
         d_gate = grad * value * (cdf + gate * pdf)
         d_value = grad * gate * cdf
