@@ -16,9 +16,9 @@ Variants (each a `tl.range` persistent loop over (BLOCK_M, BLOCK_N) output tiles
   halves; "+ save": the (t, 2 * i) pre-activations stored as well (what a training forward would keep); "+ ws":
   the tile loop warp-specialized (`tl.range(warp_specialize=True)`: loads, dots and epilogue in separate warps,
   where the Triton build supports it on the GPU); "no GELU": gate * value, to time the GELU's share of the epilogue;
-  "rational erfc": GELU from a branch-free rational-exponential erfc instead of `tl.erf`; "sigmoid": Phi as the
-  sigmoid of a fitted odd polynomial (one exp2 and one division: 20 SASS instructions an element against 34);
-  "erf": Phi from `tl.erf` (libdevice). Designs without a GELU named take `fused_ops._gelu_times`.
+  "rational erfc": GELU from a branch-free rational-exponential erfc; "erf": Phi from `tl.erf` (libdevice, what the
+  kernels shipped before 2026-12-07). Designs without a GELU named take the shipped `fused_ops._gelu_times` (Phi as
+  the sigmoid of a fitted odd polynomial: 20 SASS instructions an element against erf's 34).
 GPU µs per call from a CUDA graph of 20 calls (best of 5 replays, `gated_gemm.gpu_us`); every variant is checked
 against F.linear + the gated GELU first and reported as wrong if it differs.
 """
@@ -72,30 +72,12 @@ def _gelu_times_erf(gate, value):
 
 
 @triton.jit
-def _gelu_times_sigmoid(gate, value):
-    # GELU(gate) * value with Phi(g) = 1 / (1 + 2^-q(g)), q an odd polynomial of degree 13 fitted (weighted minimax,
-    # float64) to log2(Phi / (1 - Phi)) on [-6, 6], the argument clamped there (beyond, Phi is 0 or 1 to fp32):
-    # one exp2, one division, eight FMAs. Against float64 in fp32, |error| <= 9.5e-7 over [-30, 30] (the rounding
-    # of g itself; torch's fp32 erf GELU: 1.2e-6) and relative error <= 6.3e-5 where |GELU| > 1e-3 (torch: 9.3e-4).
-    g = tl.minimum(tl.maximum(gate, -6.0), 6.0)
-    g2 = g * g
-    q = 5.220765597613308e-09 * g2 - 3.856254124912084e-07
-    q = q * g2 + 1.1464014278317336e-05
-    q = q * g2 - 0.00015949865337461233
-    q = q * g2 - 9.508665243629366e-05
-    q = q * g2 + 0.10483750700950623
-    q = q * g2 + 2.3022079467773438
-    cdf = 1.0 / (1.0 + tl.exp2(-(q * g)))
-    return gate * cdf * value
-
-
-@triton.jit
 def _variant_kernel(
     x_desc, w_desc, value_desc, out_desc, pre_desc, t, inter, hidden, num_programs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MODE: tl.constexpr,  # 0: two dots; 1: one dot, (2, i, n) view; 2: one dot, interleaved copy
     FLAT: tl.constexpr, SPLIT: tl.constexpr, SAVE: tl.constexpr, WS: tl.constexpr,
-    GELU: tl.constexpr,  # 0: gate * value; 1: the shipped GELU(gate) * value; 2: rational erfc; 3: sigmoid; 4: tl.erf
+    GELU: tl.constexpr,  # 0: gate * value; 1: the shipped GELU(gate) * value; 2: rational erfc; 4: tl.erf
 ):
     num_tiles = tl.cdiv(t, BLOCK_M) * tl.cdiv(inter, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLAT, warp_specialize=WS):
@@ -123,8 +105,6 @@ def _variant_kernel(
             out = fused_ops._gelu_times(gate, value)
         elif GELU == 2:
             out = _gelu_times_rational(gate, value)
-        elif GELU == 3:
-            out = _gelu_times_sigmoid(gate, value)
         elif GELU == 4:
             out = _gelu_times_erf(gate, value)
         else:
@@ -184,7 +164,6 @@ DESIGNS = {
     "one dot, view + flat + ws": dict(mode=1, flat=True, ws=True),
     "one dot, view + flat, no GELU": dict(mode=1, flat=True, gelu=0),
     "one dot, view + flat, rational erfc": dict(mode=1, flat=True, gelu=2),
-    "one dot, view + flat, sigmoid": dict(mode=1, flat=True, gelu=3),
     "one dot, view + flat, erf": dict(mode=1, flat=True, gelu=4),
 }
 CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 16, 4, 8)]
