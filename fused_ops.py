@@ -984,7 +984,7 @@ def _dropout_seed(dropout_p, x):
 
 
 def gated_gelu(x, dropout_p=0.0, training=False, use_triton=None):
-    """dropout(GELU(gate) * value) for the gated-linear-unit MLP, with the exact (erf) GELU.
+    """dropout(GELU(gate) * value) for the gated-linear-unit MLP, with the exact GELU (erf-exact to fp32).
 
     Args:
         x (`torch.Tensor` of shape `(..., 2 * intermediate_size)`): a Linear output, the gate in the first half of
