@@ -165,12 +165,12 @@ def test_gated_gelu_reads_strided_rows_and_leading_dims():
 
 
 @requires_kernels
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's 2^q past the clamp
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter squaring 3e38 gates
 def test_gated_gelu_kernel_is_exact_to_fp32_over_the_whole_range():
-    # The kernels' Phi is a fitted approximation, not libdevice's erf: over gates far past its fit ([-6, 6]) and
-    # clamp ([-10, 10]), huge ones (GELU(-1e30) is 0, not -1e30 times a tiny Phi), tiny ones and signed zeros, the
-    # fp32 GELU and its gradient must be as exact as an fp32 erf GELU (torch's: 1.1e-6 absolute), relative error
-    # small where the GELU is not, and NaN must stay NaN.
+    # Over gates far out (an approximated Phi clamped at some bound would make GELU(-1e30) a multiple of a tiny
+    # Phi instead of 0), huge, tiny and signed-zero ones, the kernel's fp32 GELU and its gradient must be as exact
+    # as an fp32 erf GELU (torch's: 1.1e-6 absolute), relative error small where the GELU is not, and NaN must stay
+    # NaN.
     inter = 1024
     special = [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, -6.0, 6.0, -10.0, 10.0, -1e4, 1e4, -1e30, 1e30, -3e38, 3e38]
     gate = torch.cat([torch.linspace(-30.0, 30.0, inter - len(special)), torch.tensor(special)])
