@@ -24,7 +24,8 @@ class BertConfig(PretrainedConfig):
         intermediate_size (`int`, *optional*, defaults to 3072):
             Width of the gated MLP (its input projection is `2 * intermediate_size` wide).
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
-            Activation of the MLM head's transform. The encoder MLP always uses exact (erf) GELU, as the original.
+            Activation of the MLM head's transform. The encoder MLP always uses the exact GELU, x * Phi(x)
+            (not the tanh approximation), as the original.
         hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
             Dropout after the embeddings, the attention output and the MLP.
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):

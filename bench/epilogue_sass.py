@@ -5,9 +5,9 @@ target offline (no GPU needed), its SASS counted.
 
 One element per thread (a 128-element block, 4 warps), so the counts are per element; "beyond gate * value" is the
 form's count less that of the plain product, i.e. what the GELU adds to every output of the epilogue. Forms: the
-shipped exact GELU (`fused_ops._gelu_times`, erf from libdevice), and the rational-erfc and sigmoid forms of
-`bench/gated_gemm_variants.py`. Needs triton with its bundled `cuobjdump` (the CUDA wheels carry it); run without
-TRITON_INTERPRET.
+shipped exact GELU (`fused_ops._gelu_times`: Phi as the sigmoid of a fitted odd polynomial), and the rational-erfc
+and libdevice-erf forms of `bench/gated_gemm_variants.py`. Needs triton with its bundled `cuobjdump` (the CUDA
+wheels carry it); run without TRITON_INTERPRET.
 """
 
 import argparse
@@ -25,7 +25,7 @@ if not fused_ops.HAS_TRITON:
     sys.exit("needs triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gated_gemm_variants import _gelu_times_rational, _gelu_times_sigmoid  # noqa: E402
+from gated_gemm_variants import _gelu_times_erf, _gelu_times_rational  # noqa: E402
 from offline_compile import compile_for, sass_ops  # noqa: E402
 
 
@@ -41,11 +41,11 @@ def _form_kernel(Gate, Value, Out, FORM: tl.constexpr, BLOCK: tl.constexpr):
     elif FORM == 2:
         out = _gelu_times_rational(gate, value)
     else:
-        out = _gelu_times_sigmoid(gate, value)
+        out = _gelu_times_erf(gate, value)
     tl.store(Out + offsets, out)
 
 
-FORMS = {"gate * value": 0, "shipped: exact GELU, tl.erf": 1, "rational erfc": 2, "sigmoid of an odd polynomial": 3}
+FORMS = {"gate * value": 0, "shipped: sigmoid of an odd polynomial": 1, "rational erfc": 2, "erf (libdevice)": 3}
 
 
 def form_ops(form, arch):

@@ -529,7 +529,7 @@ def test_eager_autograd_takes_the_function_and_its_backward_the_implementation(m
     assert mosaic_ops_called(record, "ln", add_dropout_layer_norm, x, residual, weight, bias, 1e-5,
                              use_triton=True) == []
     logits = rand(4, 10).requires_grad_(True)
-    assert mosaic_ops_called(record, "ce", fused_ops.cross_entropy, logits, torch.tensor([1, 0, 9, 3]),
+    assert mosaic_ops_called(record, "ce", fused_ops.cross_entropy, logits, torch.tensor([1, 0, 9, 3], device=DEVICE),
                              use_triton=True) == []
     assert type(outs["gelu"].grad_fn).__name__ == "GatedGeluBackward"
     assert type(outs["ln"].grad_fn).__name__ == "AddDropoutLayerNormBackward"
@@ -743,6 +743,12 @@ def test_cross_entropy_rejects_bad_shapes():
         cross_entropy(torch.zeros(2, 3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="got \\(2, 4\\) and \\(3,\\)"):
         cross_entropy(torch.zeros(2, 4, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE))
+    if torch.device(DEVICE).type != "cpu":  # a target on another device: named, not a failed kernel launch
+        with pytest.raises(ValueError, match="target is on cpu, its logits on cuda"):
+            cross_entropy(torch.zeros(2, 4, device=DEVICE), torch.zeros(2, dtype=torch.long))
+    meta = torch.zeros(2, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="target is on meta, its logits on cpu"):
+        cross_entropy(torch.zeros(2, 4), meta)
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
