@@ -292,3 +292,57 @@ def test_shortcut_matches_triton_launch_bit_for_bit(monkeypatch, dtype):
     # the same values at a misaligned address give the same numbers
     for a, b in zip(results[0], results[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _scaled_product(x, y, scale=2.0):
+    return x * y * scale
+
+
+def _scaled_product_setup(ctx, inputs, output):
+    x, y, scale = (*inputs, 2.0)[:3]  # `inputs` as the Function received them: scale only when given
+    ctx.save_for_backward(x, y)
+    ctx.scale = scale
+
+
+def _scaled_product_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    grads = (grad * y * ctx.scale, grad * x * ctx.scale)
+    return grads + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+ScaledProduct = triton_launch.autograd_function("ScaledProduct", _scaled_product, _scaled_product_setup,
+                                                _scaled_product_backward)
+
+
+@pytest.mark.parametrize("call", ["positional", "default", "keyword"])
+def test_autograd_function_apply_matches_torch_and_skips_the_bind_only_when_all_are_given(call, monkeypatch):
+    # Every forward parameter given positionally: no `inspect.signature` call (the per-call bind of
+    # `Function.apply`), and the same values, graph node and gradients as `Function.apply` gives. A defaulted
+    # parameter left out, or one given by keyword, goes through `Function.apply`, which binds and fills it in.
+    args, kwargs = {"positional": ((3.0,), {}), "default": ((), {}), "keyword": ((), {"scale": 3.0})}[call]
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    scale = args[0] if args else kwargs.get("scale", 2.0)
+    binds = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: binds.append(a) or signature(*a, **k))
+    out = ScaledProduct.apply(x, y, *args, **kwargs)
+    assert (len(binds) == 0) == (call == "positional"), binds
+    monkeypatch.undo()
+    assert type(out.grad_fn).__name__ == "ScaledProductBackward"
+    torch.testing.assert_close(out, x * y * scale, rtol=0, atol=0)
+    grad = torch.randn(5, dtype=torch.float64)
+    dx, dy = torch.autograd.grad(out, (x, y), grad)
+    torch.testing.assert_close(dx, grad * y * scale, rtol=0, atol=0)
+    torch.testing.assert_close(dy, grad * x * scale, rtol=0, atol=0)
+    if call == "positional":  # the gradient check of the function itself, against finite differences
+        assert torch.autograd.gradcheck(lambda a, b: ScaledProduct.apply(a, b, 3.0), (x, y))
+
+
+def test_autograd_function_apply_under_functorch_takes_torch_path():
+    # torch.func.grad over the Function: `Function.apply`'s functorch path (setup_context is defined, so it is
+    # supported), with the Function's own backward.
+    x = torch.randn(4, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    dx = torch.func.grad(lambda a: ScaledProduct.apply(a, y, 3.0).sum())(x)
+    torch.testing.assert_close(dx, y * 3.0, rtol=0, atol=0)
