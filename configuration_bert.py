@@ -56,6 +56,14 @@ class BertConfig(PretrainedConfig):
             With labels, `BertForMaskedLM` returns `logits` only for the labelled tokens, `(m, vocab)` in row-major
             order, instead of a dense `(batch, seq_len, vocab)` tensor that is zero elsewhere (ModernBERT's
             convention; the pretraining script turns it on).
+        static_shapes (`bool`, *optional*, defaults to `False`):
+            Run every position of the padded `(batch, seq_len)` input through the encoder instead of removing the
+            padding first. Each row's tokens are moved ahead of its padding and attend only to each other (the
+            padding's outputs are computed, then zeroed), so no tensor's size depends on the mask: a forward never
+            waits on the GPU (the input checks are read after its work is queued, and still raise `ValueError`)
+            and `torch.compile(mode="reduce-overhead")` captures it in a CUDA graph. Faster for fixed-length
+            batches, slower for ragged ones (the padding's work); same outputs either way. Packed input
+            (`position_ids`, `cu_seqlens`) and the plain attention path's grouping still read the device.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Whether the MLM decoder shares its weight with the word embeddings.
 
@@ -91,6 +99,7 @@ class BertConfig(PretrainedConfig):
         attention_backend="auto",
         low_precision_layernorm=False,
         sparse_prediction=False,
+        static_shapes=False,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -112,6 +121,7 @@ class BertConfig(PretrainedConfig):
         self.attention_backend = attention_backend
         self.low_precision_layernorm = low_precision_layernorm
         self.sparse_prediction = sparse_prediction
+        self.static_shapes = static_shapes
         self.tie_word_embeddings = tie_word_embeddings
         # transformers 4.x's base __init__ sets these two from its own arguments: pass them through.
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -149,6 +159,9 @@ class BertConfig(PretrainedConfig):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
         if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"`classifier_dropout` must be None or in [0, 1), got {self.classifier_dropout!r}.")
+        for name in ("low_precision_layernorm", "sparse_prediction", "static_shapes"):
+            if not isinstance(getattr(self, name, False), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"`attention_backend` must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}."

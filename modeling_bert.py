@@ -17,6 +17,7 @@ one place that picks an entry.
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -345,7 +346,9 @@ def resolve_attention(config, device, dtype, dropout_p, output_attentions=False)
 @dataclass
 class ModelInputs:
     """The inputs of one forward, validated. `total` is the number of valid tokens when it was read (None while
-    tracing or without a mask); `packed` is True when `position_ids` or `cu_seqlens` split rows into documents."""
+    tracing or without a mask); `packed` is True when `position_ids` or `cu_seqlens` split rows into documents.
+    `static`: the layout keeps every padded position (`config.static_shapes`); `pending`: with it, outside tracing,
+    the value checks not yet read, to call once the forward's work is queued (it reads them and raises)."""
 
     batch_size: int
     seqlen: int
@@ -359,6 +362,8 @@ class ModelInputs:
     total: int | None
     labelled: int | None = None
     prepared: "LayoutPrep | None" = None
+    static: bool = False
+    pending: Callable[[], None] | None = None
 
     @property
     def device(self):
@@ -414,13 +419,15 @@ def packed_kwargs(kwargs, cu_seqlens, max_seqlen):
 
 def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=None, token_type_ids=None,
                     position_ids=None, cu_seqlens=None, max_seqlen=None, label_checks=(),
-                    subset_labels=None, before_read=None) -> ModelInputs:
+                    subset_labels=None, before_read=None, static=False) -> ModelInputs:
     """Every check of the inputs, in one place. Shapes and dtypes are checked on the host; values (ids in range,
     a 0/1 mask, labels in range, the number of valid tokens) are read from the device together, in one read, and
     not at all while tracing. `label_checks`: (name, tensor, low, high, ignore) of the head's labels;
     `subset_labels` (b, s): also count the labelled (not -100) tokens, for sparse MLM. `before_read`: called with
     the shape-checked inputs just before the read (not while tracing) to queue device work whose sizes do not
-    depend on the values; its result is `prepared` of the returned inputs."""
+    depend on the values; its result is `prepared` of the returned inputs. `static` (`config.static_shapes`, not
+    packed): the layout needs no count, so nothing is read here: the checks' values are copied to the host behind
+    the GPU's queue and `pending` of the returned inputs reads them and raises."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
     if input_ids is not None:
@@ -456,7 +463,7 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
             _assert_on_device(config, seqlen, input_ids, token_type_ids, attention_mask, cu_seqlens, max_seqlen,
                               label_checks)
         return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
-                           cu_seqlens, max_seqlen, None)
+                           cu_seqlens, max_seqlen, None, static=static)
     checks = []
     if input_ids is not None:
         checks += _range_check("input_ids", input_ids, 0, config.vocab_size)
@@ -479,11 +486,36 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
             labelled = labelled & valid
         values.append(labelled.sum())
     values = torch.stack(values) if values else None
+    if static:
+        pending = None
+        if values is not None:
+            host = values.to("cpu", non_blocking=True)  # pinned memory when values is on a GPU
+            event = None
+            if host.device != values.device:
+                event = torch.cuda.Event()
+                event.record()
+
+            def pending():
+                if event is not None:
+                    event.synchronize()  # the checks' kernels ran at the start of the queue: no wait for the rest
+                _read_checks(host.tolist(), checks, attention_mask, cu_seqlens, max_seqlen, subset_labels)
+
+        return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                           cu_seqlens, max_seqlen, None, static=True, pending=pending)
     prepared = None
     if before_read is not None:  # its host time overlaps the GPU's work on earlier calls, which the read waits for
         prepared = before_read(ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask,
                                            token_type_ids, position_ids, cu_seqlens, max_seqlen, None))
     read = values.tolist() if values is not None else []  # the one device-to-host read
+    total, max_seqlen, labelled = _read_checks(read, checks, attention_mask, cu_seqlens, max_seqlen, subset_labels)
+    return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                       cu_seqlens, max_seqlen, total, labelled, prepared)
+
+
+def _read_checks(read, checks, attention_mask, cu_seqlens, max_seqlen, subset_labels):
+    """Raise `ValueError` on the values `validate_inputs` read (`read`, in the order it queued them); else return
+    the number of valid tokens (None without a mask), max_seqlen (the longest document when not given) and the
+    number of labelled tokens (None without `subset_labels`)."""
     for k, (_, check) in enumerate(checks):
         check(*read[2 * k : 2 * k + 2])
     read = read[2 * len(checks) :]
@@ -513,8 +545,7 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
         max_seqlen = longest if max_seqlen is None else int(max_seqlen)
         read = read[2:]
     labelled = read[0] if subset_labels is not None else None
-    return ModelInputs(batch_size, seqlen, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
-                       cu_seqlens, max_seqlen, total, labelled, prepared)
+    return total, max_seqlen, labelled
 
 
 # The message of the compiled graph's input check. CUDA's `_assert_async` takes at most 254 characters.
@@ -577,7 +608,8 @@ class TokenLayout:
     `indices` (t,) are the flat (b * s) positions of the tokens that are computed (None: every position, as for
     an input without padding or the dense path); `sequences` describes the sequences for attention; `attention`
     is the key of `ATTENTION_FUNCTIONS` chosen for this forward; `first_index` (n,) is the row of each sequence's
-    first token among the computed tokens (-1 for an empty row), for the pooler.
+    first token among the computed tokens (-1 for an empty row), for the pooler. `valid_rows` (t,) bool marks the
+    computed rows that are tokens when padding is computed too (`config.static_shapes`); None: all are.
     """
 
     batch_size: int
@@ -587,6 +619,7 @@ class TokenLayout:
     attention: str
     first_index: torch.Tensor
     packed: bool
+    valid_rows: torch.Tensor | None = None
 
     def unpad(self, x):
         """(b, s, ...) -> (t, ...)"""
@@ -595,6 +628,8 @@ class TokenLayout:
 
     def pad(self, x):
         """(t, ...) -> (b, s, ...) with zeros at padding."""
+        if self.valid_rows is not None:
+            x = torch.where(self.valid_rows.view(-1, *[1] * (x.dim() - 1)), x, 0)
         if self.indices is not None:
             return pad_input(x, self.indices, self.batch_size, self.seqlen)
         if isinstance(self.sequences, DenseSequences):
@@ -672,6 +707,8 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
     mask = inputs.attention_mask
     if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
         return _dense_layout(inputs, attention)
+    if inputs.static:
+        return _static_layout(inputs, attention)
 
     prep = inputs.prepared
     if prep is not None:
@@ -699,6 +736,35 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
         sequences.build_buckets()
     first_index = prep.first_rows if prep is not None and cu is prep.cu_rows else first_rows(cu)
     return TokenLayout(b, s, indices, sequences, attention, first_index, inputs.packed)
+
+
+def _static_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
+    """Every padded position computed (`config.static_shapes`), sizes fixed by the input's shape alone: in each
+    row the tokens come first, in order, then the padding, and the two are separate sequences for attention (2b
+    of them, either may be empty), so tokens attend to the row's tokens at their unpadded ALiBi distances, as when
+    the padding is removed."""
+    b, s = inputs.batch_size, inputs.seqlen
+    device = inputs.device
+    if inputs.attention_mask is None:
+        cu = _full_rows(b, s, device)
+        indices = valid_rows = None
+        first_index = first_rows(cu)
+    else:
+        valid = inputs.attention_mask != 0  # (b, s)
+        lengths = valid.sum(-1)  # (b,)
+        # column of each position once the row's tokens are moved ahead of its padding, both in order
+        column = torch.where(valid, valid.cumsum(-1) - 1, lengths[:, None] + (~valid).cumsum(-1) - 1)
+        starts = torch.arange(0, b * s, s, device=device)  # (b,) each row's first flat position
+        positions = torch.arange(s, device=device)
+        indices = (torch.empty_like(column).scatter_(1, column, positions.expand(b, s)) + starts[:, None]).flatten()
+        cu = torch.cat([torch.stack([starts, starts + lengths], 1).flatten(), starts.new_full((1,), b * s)])
+        cu = cu.to(torch.int32)  # (2b + 1,): row i's tokens, then its padding
+        valid_rows = (positions[None, :] < lengths[:, None]).flatten()  # (b * s,)
+        first_index = torch.where(lengths > 0, starts, -1)
+    sequences = VarlenSequences(cu, s)
+    if attention == "torch":
+        sequences.build_buckets()
+    return TokenLayout(b, s, indices, sequences, attention, first_index, False, valid_rows)
 
 
 def _dense_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
@@ -1160,13 +1226,22 @@ class BertModel(BertPreTrainedModel):
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.embeddings.word_embeddings.weight.dtype
             dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
             attention = resolve_attention(self.config, device, dtype, dropout_p, output_attentions)
+        static = (
+            self.config.static_shapes and attention is not None and position_ids is None and cu_seqlens is None
+            and ATTENTION_FUNCTIONS[attention][1] is VarlenSequences
+        )
         inputs = validate_inputs(
             self.config, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
             label_checks=label_checks, subset_labels=subset_labels,
-            before_read=lambda early: prepare_layout(early, attention, subset_labels),
+            before_read=lambda early: prepare_layout(early, attention, subset_labels), static=static,
         )
         layout = build_layout(inputs, attention)
+        if inputs.pending is not None:  # values not read yet: the embedding gathers stay in bounds until they are
+            if input_ids is not None:
+                input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids.clamp(0, self.config.type_vocab_size - 1)
 
         hidden = self.embeddings(
             input_ids=None if input_ids is None else layout.unpad(input_ids),
@@ -1180,10 +1255,14 @@ class BertModel(BertPreTrainedModel):
             labelled = layout.unpad(subset_labels) != IGNORE_INDEX  # (t,)
             if isinstance(layout.sequences, DenseSequences):  # labels at padding are not tokens, as when unpadded
                 labelled = labelled & layout.sequences.valid.reshape(-1)
+            if layout.valid_rows is not None:
+                labelled = labelled & layout.valid_rows
             subset_idx = valid_token_indices(labelled, inputs.labelled)  # (m,)
         hidden, hidden_states, attentions = self.encoder(
             hidden, layout, subset_idx, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
+        if inputs.pending is not None:
+            inputs.pending()  # the checks, read now that the forward is queued: raises on a bad input
         return EncoderState(hidden, layout, subset_idx, hidden_states, attentions)
 
     def pool(self, state: EncoderState):

@@ -8,8 +8,9 @@ Every model is the encoder (`AutoModel`, no head) at random init, cast to bf16, 
 the same padded batches (ids uniform in [1000, vocab), right padding): fixed 128 x 256 sequences, ragged 32-512 x
 128, ragged 8-128 x 512 (throughput), and batch 1 x 128, batch 8 of 16-256 (latency). Models: ours eager and
 `torch.compile`d (default mode; also mode="reduce-overhead", CUDA graphs, on the latency rows and the fixed-length
-row), transformers' BertModel with sdpa attention, eager and compiled the same ways, ModernBERT-base with sdpa,
-eager and compiled. A model whose build or forward
+row), the same with `static_shapes=True` ("mosaic static ...": padding computed, no device read before the
+forward is queued, CUDA graphs for any mask), transformers' BertModel with sdpa attention, eager and compiled the
+same ways, ModernBERT-base with sdpa, eager and compiled. A model whose build or forward
 fails is reported with the error and the rest still run.
 
 Timing: per row, warm-up calls first (for a compiled model they include compiling, reported as `warmup_s` and not
@@ -77,10 +78,16 @@ def smoke_overrides():
     return dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128) if SMOKE else {}
 
 
-def ours():
+def ours(**overrides):
     base = json.loads((REPO / "train" / "configs" / "mosaic-bert-base.json").read_text())
-    config = AutoConfig.from_pretrained(MODEL_REPO, trust_remote_code=True, **{**base, **smoke_overrides()})
+    config = AutoConfig.from_pretrained(MODEL_REPO, trust_remote_code=True,
+                                        **{**base, **smoke_overrides(), **overrides})
     return AutoModel.from_config(config, trust_remote_code=True)
+
+
+def ours_static():
+    """MosaicBERT with `static_shapes=True`: padding computed, no read before the forward is queued."""
+    return ours(static_shapes=True)
 
 
 def hf_bert():
@@ -120,6 +127,9 @@ VARIANTS = {
     "mosaic eager": (eager(ours), "all"),
     "mosaic compile": (compiled(ours, fullgraph=True), "all"),
     "mosaic compile reduce-overhead": (compiled(ours, "reduce-overhead", fullgraph=True), "graphs"),
+    "mosaic static eager": (eager(ours_static), "all"),
+    "mosaic static compile": (compiled(ours_static, fullgraph=True), "all"),
+    "mosaic static compile reduce-overhead": (compiled(ours_static, "reduce-overhead", fullgraph=True), "graphs"),
     "BERT sdpa eager": (eager(hf_bert), "all"),
     "BERT sdpa compile": (compiled(hf_bert), "all"),
     "BERT sdpa compile reduce-overhead": (compiled(hf_bert, "reduce-overhead"), "graphs"),

@@ -3,6 +3,7 @@ checkout of MosaicBERT, timed in alternation in one process.
 
     python bench/latency_ab.py                                 # batch 1 x 128 and batch 8 x 16-256
     python bench/latency_ab.py --repo ../old-checkout [../another] --rows latency fixed
+    python bench/latency_ab.py --static --rows fixed latency   # + this checkout with static_shapes=True
     python bench/latency_ab.py --smoke                         # CPU dry run (tests/test_bench_smoke.py)
 
 A forward of a small batch waits on the host (Python, kernel launches), and on a shared machine host speed drifts
@@ -25,13 +26,16 @@ sys.path.insert(0, str(REPO / "bench"))
 import infer  # noqa: E402  (rows, batches and model builders shared with the inference benchmark)
 
 
-def build_models(other_repos):
+def build_models(other_repos, static=False):
     models = {}
     for name, repo in (("mosaic", REPO), *((f"mosaic {r}", r) for r in other_repos)):
         infer.MODEL_REPO = Path(repo).resolve()
         torch.manual_seed(0)
         models[name] = infer.ours().to(infer.DEVICE, infer.DTYPE).eval()
     infer.MODEL_REPO = REPO
+    if static:
+        torch.manual_seed(0)
+        models["mosaic static"] = infer.ours_static().to(infer.DEVICE, infer.DTYPE).eval()
     torch.manual_seed(0)
     models["BERT sdpa"] = infer.hf_bert().to(infer.DEVICE, infer.DTYPE).eval()
     return models
@@ -100,6 +104,7 @@ def main():
     parser.add_argument("--rows", nargs="*", default=["latency"], help="bench/infer.py rows containing one of these")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forwards", type=int, default=20, help="forwards per model, row and round")
+    parser.add_argument("--static", action="store_true", help="also this checkout with static_shapes=True")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: fp32, tiny models and batches, 2 rounds")
     args = parser.parse_args()
     if args.smoke:  # as bench/infer.py --smoke
@@ -108,7 +113,7 @@ def main():
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
     rows = [r for r in infer.ROWS if any(s in r for s in args.rows)]
-    models = build_models(args.repo)
+    models = build_models(args.repo, args.static)
     times = time_rounds(models, rows, args.rounds, args.forwards, warmup=1 if args.smoke else 5)
     device = torch.cuda.get_device_name() if infer.DEVICE == "cuda" else "cpu"
     print(f"{device}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} forwards; "

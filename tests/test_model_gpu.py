@@ -200,3 +200,53 @@ def test_compiled_model_on_the_gpu_fails_on_a_bad_batch():
     assert "out of range inside torch.compile" in done.stderr or "device-side assert" in done.stderr, (
         done.stderr[-3000:]
     )
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none"])
+def test_static_shapes_on_the_gpu_match_unpadded_and_read_nothing(padding):
+    # bf16 through the kernels: static shapes give the unpadded layout's outputs, and an eager forward makes no
+    # synchronizing call (the checks' values come back in a non-blocking copy, read after the forward is queued),
+    # where the unpadded one makes one.
+    plain = tiny_model("AutoModel", hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                       vocab_size=1000).cuda().bfloat16()
+    static = tiny_model("AutoModel", hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=1000,
+                        static_shapes=True).cuda().bfloat16()
+    static.load_state_dict(plain.state_dict())
+    if not package_module(plain).HAS_TRITON:
+        pytest.skip("triton is not installed")
+    ids, mask = ragged_batch([64, 40, 128, 7] if padding != "none" else [128] * 4, 1000, device="cuda")
+    if padding == "left":
+        ids, mask = ids.flip(-1), mask.flip(-1)
+    with torch.inference_mode():
+        want = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = static(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert rel_err(got, want) < 1e-2
+        assert (got[mask == 0] == 0).all()
+        assert _count_syncs(lambda: static(input_ids=ids, attention_mask=mask)) == 0
+        assert _count_syncs(lambda: plain(input_ids=ids, attention_mask=mask)) == 1
+        bad = ids.clone()
+        bad[0, 0] = 1000
+        with pytest.raises(ValueError, match="`input_ids` contains 1000"):
+            static(input_ids=bad, attention_mask=mask)
+
+
+def test_static_shapes_compile_into_cuda_graphs():
+    # mode="reduce-overhead" with the default dynamo switches: the static forward is captured (replays give the
+    # eager outputs for new values of the same shapes).
+    import torch._dynamo
+
+    model = tiny_model("AutoModel", hidden_size=128, num_attention_heads=2, intermediate_size=256, vocab_size=1000,
+                       static_shapes=True).cuda().bfloat16()
+    if not package_module(model).HAS_TRITON:
+        pytest.skip("triton is not installed")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            for seed in range(4):
+                ids, mask = ragged_batch([64, 40, 128, 7], 1000, seed=seed, device="cuda")
+                got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state.clone()
+                want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                assert rel_err(got, want) < 1e-2, seed
+    finally:
+        torch._dynamo.reset()
