@@ -61,9 +61,10 @@ class BertConfig(PretrainedConfig):
             padding first. Each row's tokens are moved ahead of its padding and attend only to each other (the
             padding's outputs are computed, then zeroed), so no tensor's size depends on the mask: a forward never
             waits on the GPU (the input checks are read after its work is queued, and still raise `ValueError`)
-            and `torch.compile(mode="reduce-overhead")` captures it in a CUDA graph. Faster for fixed-length
-            batches, slower for ragged ones (the padding's work); same outputs either way. Packed input
-            (`position_ids`, `cu_seqlens`) and the plain attention path's grouping still read the device.
+            and `torch.compile(mode="reduce-overhead")` captures it in a CUDA graph without dynamo's
+            data-dependent-shape switches. Same outputs either way; no faster in eager mode at fixed length and
+            about half as fast on ragged batches (the padding's work). Packed input (`position_ids`,
+            `cu_seqlens`) and the plain attention path's grouping still read the device.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Whether the MLM decoder shares its weight with the word embeddings.
 
