@@ -840,9 +840,13 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
     ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.mark_non_differentiable(lse)  # the backward has no formula for it
+    ctx.set_materialize_grads(False)  # so no zero tensor is made for its gradient
 
 
 def _varlen_backward(ctx, dout, dlse):
+    if dout is None:
+        return (None,) * 10
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     bwd = _varlen_bwd if backward_direct(dout, q, k, v) else torch.ops.mosaic_bert.flash_attn_varlen_bwd.default
     dq, dk, dv = bwd(
@@ -881,9 +885,13 @@ def _qkvpacked_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, cu_seqlens, alibi_slopes)
     ctx.max_seqlen, ctx.softmax_scale, ctx.causal = max_seqlen, softmax_scale, causal
+    ctx.mark_non_differentiable(lse)  # the backward has no formula for it
+    ctx.set_materialize_grads(False)  # so no zero tensor is made for its gradient
 
 
 def _qkvpacked_backward(ctx, dout, dlse):
+    if dout is None:
+        return (None,) * 6
     qkv, out, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
     bwd = (_qkvpacked_bwd if backward_direct(dout, qkv)
            else torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_bwd.default)

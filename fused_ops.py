@@ -818,6 +818,7 @@ def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
     x, x_bias, residual, weight, bias, seed, eps, dropout_p, out_dtype, copy_dtype = inputs
     _, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero tensors for mean, rstd, the empty copy or an unused output
     ctx.save_for_backward(x, x_bias, residual, weight, bias, mean, rstd, seed)
     ctx.dropout_p = dropout_p
     ctx.has_residual = residual is not None
@@ -827,6 +828,10 @@ def _add_dropout_layer_norm_setup_context(ctx, inputs, output):
 def _add_dropout_layer_norm_autograd_backward(ctx, grad_out, grad_copy, grad_mean, grad_rstd):
     x, x_bias, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
     grad_copy = grad_copy if ctx.has_copy else None
+    if grad_out is None:  # only the copy was used (None: neither was)
+        if grad_copy is None:
+            return (None,) * 10
+        grad_out, grad_copy = grad_copy, None
     bwd = (_add_dropout_layer_norm_bwd_impl if backward_direct(grad_out, grad_copy, x, x_bias, residual, weight)
            else torch.ops.mosaic_bert.add_dropout_layer_norm_bwd)
     dx, dres, partials = bwd(grad_out, grad_copy, x, x_bias, residual, weight, bias, mean, rstd, seed, ctx.dropout_p)
@@ -838,10 +843,13 @@ def _cross_entropy_setup_context(ctx, inputs, output):
     logits, target = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero tensor for lse
     ctx.save_for_backward(logits, target, lse)
 
 
 def _cross_entropy_autograd_backward(ctx, grad_loss, grad_lse):
+    if grad_loss is None:
+        return None, None
     logits, target, lse = ctx.saved_tensors
     bwd = _cross_entropy_backward if backward_direct(grad_loss, logits) else torch.ops.mosaic_bert.cross_entropy_bwd
     return bwd(grad_loss, logits, target, lse), None

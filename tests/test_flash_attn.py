@@ -705,17 +705,22 @@ def test_eager_autograd_records_the_function_with_the_ops_values_and_gradients(a
     dout = torch.randn(sum(lengths), 2, 16, device=DEVICE)
     if api == "packed":
         out = flash_attn_varlen_qkvpacked_func(qkv, cu, max(lengths), alibi_slopes=slopes)
-        via_op, _ = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
+        via_op, lse = torch.ops.mosaic_bert.flash_attn_varlen_qkvpacked_fwd.default(
             qkv, cu, max(lengths), 16 ** -0.5, False, slopes)
         name = "flash_attn_varlen_qkvpacked_fwdBackward"
     else:
         q, k, v = qkv.unbind(1)
         out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), alibi_slopes=slopes)
-        via_op, _ = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
+        via_op, lse = torch.ops.mosaic_bert.flash_attn_varlen_fwd.default(
             q, k, v, cu, cu, max(lengths), max(lengths), 16 ** -0.5, False, slopes)
         name = "flash_attn_varlen_fwdBackward"
     assert type(out.grad_fn).__name__ == name
     assert torch.equal(out, via_op)
-    (grad,) = torch.autograd.grad(out, qkv, dout)
+    assert not lse.requires_grad  # the backward has no formula for the log-sum-exp: not a silent zero gradient
+    from torch.profiler import profile
+
+    with profile() as prof:  # and no zero tensor is made for its gradient
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_")]
     (grad_op,) = torch.autograd.grad(via_op, qkv, dout)
     assert torch.equal(grad, grad_op)

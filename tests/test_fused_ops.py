@@ -380,6 +380,39 @@ def test_layer_norm_copy_is_the_cast_output_and_both_gradients_count(use_triton,
 
 
 @pytest.mark.parametrize("use_triton", PATHS)
+@pytest.mark.parametrize("used", ["copy", "out"])
+def test_layer_norm_gradient_through_one_of_its_two_outputs(use_triton, used):
+    # With a loss on the copy alone (or the output alone) the gradients are the float64 reference's for that one
+    # upstream gradient: the unused output's gradient is taken as zero without a zero tensor being made.
+    rows, hidden = 19, 48
+    inputs = leaves(*ln_inputs(rows, hidden, torch.float32, residual_dtype=torch.float32))
+    out, copy = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton, copy_dtype=torch.float16)
+    g = rand(rows, hidden, seed=22).to(torch.float16 if used == "copy" else torch.float32)
+    got = grads((copy if used == "copy" else out) * g, inputs, torch.ones(rows, hidden))
+    ref_inputs = leaves(*(t.double() for t in inputs))
+    expected = grads(layer_norm_reference(*ref_inputs, 1e-5), ref_inputs, g.double())
+    for name, a, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), got, expected):
+        assert_close(a, e, torch.float32, name)
+
+
+@requires_kernels
+def test_kernel_backwards_make_no_zero_gradients_for_outputs_without_one():
+    # mean / rstd of the LayerNorm, the empty copy placeholder, the attention's and cross-entropy's log-sum-exp:
+    # no gradient flows into them, so their backwards get None instead of zero tensors made (and filled) for them.
+    from torch.profiler import profile
+
+    x, residual, weight, bias = leaves(*ln_inputs(6, 32, torch.float32, residual_dtype=torch.float32))
+    out = add_dropout_layer_norm(x, residual, weight, bias, 1e-5, use_triton=True)
+    logits = rand(4, 10).requires_grad_(True)
+    loss = fused_ops.cross_entropy(logits, torch.tensor([1, 0, 9, 3], device=DEVICE), use_triton=True)
+    with profile() as prof:
+        (out.sum() + loss.sum()).backward()
+    made = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_")]
+    assert made == [], made
+    assert x.grad is not None and logits.grad is not None
+
+
+@pytest.mark.parametrize("use_triton", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_layer_norm_x_bias_is_added_before_dropout_and_gets_its_gradient(use_triton, dtype, dropout_p):
