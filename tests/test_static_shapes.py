@@ -78,6 +78,19 @@ def test_static_shapes_give_the_unpadded_outputs_for_every_padding_layout(path, 
         assert_close_rel(got.last_hidden_state, ref)
 
 
+def test_static_shapes_with_token_types_and_inputs_embeds():
+    # Token types and embeddings given instead of ids are laid out like the ids (left padding: moved).
+    plain, static = pair()
+    _, ids, mask = masks()[1]
+    types = (torch.arange(10) >= 5).long().expand(4, 10).contiguous()
+    embeds = plain.embeddings.word_embeddings(ids).detach()
+    with torch.no_grad():
+        for kwargs in (dict(input_ids=ids, token_type_ids=types), dict(inputs_embeds=embeds, token_type_ids=types)):
+            want = plain(attention_mask=mask, **kwargs).last_hidden_state
+            got = static(attention_mask=mask, **kwargs).last_hidden_state
+            assert_close_rel(got, want)
+
+
 def test_static_shapes_heads_losses_and_gradients_match(monkeypatch):
     # MLM with labels (dense and sparse logits, a label at padding, which is not a token either way), token
     # classification and question answering: outputs, losses and every parameter's gradient.
