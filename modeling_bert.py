@@ -493,7 +493,7 @@ def validate_inputs(config, input_ids=None, inputs_embeds=None, attention_mask=N
             event = None
             if host.device != values.device:
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(values.device))  # the copy's stream, on values' device
 
             def pending():
                 if event is not None:
