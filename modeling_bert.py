@@ -707,7 +707,7 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
     mask = inputs.attention_mask
     if ATTENTION_FUNCTIONS[attention][1] is DenseSequences:
         return _dense_layout(inputs, attention)
-    if inputs.static:
+    if inputs.static and mask is not None:  # without a mask the layout below has no mask-dependent size either
         return _static_layout(inputs, attention)
 
     prep = inputs.prepared
@@ -739,28 +739,23 @@ def build_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
 
 
 def _static_layout(inputs: ModelInputs, attention: str) -> TokenLayout:
-    """Every padded position computed (`config.static_shapes`), sizes fixed by the input's shape alone: in each
-    row the tokens come first, in order, then the padding, and the two are separate sequences for attention (2b
-    of them, either may be empty), so tokens attend to the row's tokens at their unpadded ALiBi distances, as when
-    the padding is removed."""
+    """For an input with a mask: every padded position computed (`config.static_shapes`), sizes fixed by the
+    input's shape alone. In each row the tokens come first, in order, then the padding, and the two are separate
+    sequences for attention (2b of them, either may be empty), so tokens attend to the row's tokens at their
+    unpadded ALiBi distances, as when the padding is removed."""
     b, s = inputs.batch_size, inputs.seqlen
     device = inputs.device
-    if inputs.attention_mask is None:
-        cu = _full_rows(b, s, device)
-        indices = valid_rows = None
-        first_index = first_rows(cu)
-    else:
-        valid = inputs.attention_mask != 0  # (b, s)
-        lengths = valid.sum(-1)  # (b,)
-        # column of each position once the row's tokens are moved ahead of its padding, both in order
-        column = torch.where(valid, valid.cumsum(-1) - 1, lengths[:, None] + (~valid).cumsum(-1) - 1)
-        starts = torch.arange(0, b * s, s, device=device)  # (b,) each row's first flat position
-        positions = torch.arange(s, device=device)
-        indices = (torch.empty_like(column).scatter_(1, column, positions.expand(b, s)) + starts[:, None]).flatten()
-        cu = torch.cat([torch.stack([starts, starts + lengths], 1).flatten(), starts.new_full((1,), b * s)])
-        cu = cu.to(torch.int32)  # (2b + 1,): row i's tokens, then its padding
-        valid_rows = (positions[None, :] < lengths[:, None]).flatten()  # (b * s,)
-        first_index = torch.where(lengths > 0, starts, -1)
+    valid = inputs.attention_mask != 0  # (b, s)
+    lengths = valid.sum(-1)  # (b,)
+    # column of each position once the row's tokens are moved ahead of its padding, both in order
+    column = torch.where(valid, valid.cumsum(-1) - 1, lengths[:, None] + (~valid).cumsum(-1) - 1)
+    starts = torch.arange(0, b * s, s, device=device)  # (b,) each row's first flat position
+    positions = torch.arange(s, device=device)
+    indices = (torch.empty_like(column).scatter_(1, column, positions.expand(b, s)) + starts[:, None]).flatten()
+    cu = torch.cat([torch.stack([starts, starts + lengths], 1).flatten(), starts.new_full((1,), b * s)])
+    cu = cu.to(torch.int32)  # (2b + 1,): row i's tokens, then its padding
+    valid_rows = (positions[None, :] < lengths[:, None]).flatten()  # (b * s,)
+    first_index = torch.where(lengths > 0, starts, -1)
     sequences = VarlenSequences(cu, s)
     if attention == "torch":
         sequences.build_buckets()
