@@ -388,7 +388,7 @@ def test_layer_norm_gradient_through_one_of_its_two_outputs(use_triton, used):
     inputs = leaves(*ln_inputs(rows, hidden, torch.float32, residual_dtype=torch.float32))
     out, copy = add_dropout_layer_norm(*inputs, 1e-5, use_triton=use_triton, copy_dtype=torch.float16)
     g = rand(rows, hidden, seed=22).to(torch.float16 if used == "copy" else torch.float32)
-    got = grads((copy if used == "copy" else out) * g, inputs, torch.ones(rows, hidden))
+    got = grads((copy if used == "copy" else out) * g, inputs, torch.ones(rows, hidden, device=DEVICE))
     ref_inputs = leaves(*(t.double() for t in inputs))
     expected = grads(layer_norm_reference(*ref_inputs, 1e-5), ref_inputs, g.double())
     for name, a, e in zip(("d_x", "d_residual", "d_weight", "d_bias"), got, expected):
