@@ -4,6 +4,7 @@ checkout of MosaicBERT, timed in alternation in one process.
     python bench/latency_ab.py                                 # batch 1 x 128 and batch 8 x 16-256
     python bench/latency_ab.py --repo ../old-checkout [../another] --rows latency fixed
     python bench/latency_ab.py --static --rows fixed latency   # + this checkout with static_shapes=True
+    python bench/latency_ab.py --rows fixed --variants "mosaic compile reduce-overhead" "BERT sdpa compile"
     python bench/latency_ab.py --smoke                         # CPU dry run (tests/test_bench_smoke.py)
 
 A forward of a small batch waits on the host (Python, kernel launches), and on a shared machine host speed drifts
@@ -11,6 +12,9 @@ by tens of percent between processes and within one, so latencies measured in se
 all models are built once (bf16, `inference_mode`, the batches of `bench/infer.py`) and each round times
 `--forwards` forwards of every model on every row with CUDA events, rotating the order; the table gives the minimum
 (least disturbed) and the median over rounds, in ms per forward, and each model's minimum over BERT's.
+`--variants` adds models of `bench/infer.py` by name (compiled ones too: each compiles in the warm-up, every
+row first, so the timed rounds replay what was compiled; a reduce-overhead model marks each call a new CUDA-graph
+step).
 """
 
 import argparse
@@ -26,7 +30,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import infer  # noqa: E402  (rows, batches and model builders shared with the inference benchmark)
 
 
-def build_models(other_repos, static=False):
+def build_models(other_repos, static=False, variants=()):
     models = {}
     for name, repo in (("mosaic", REPO), *((f"mosaic {r}", r) for r in other_repos)):
         infer.MODEL_REPO = Path(repo).resolve()
@@ -38,6 +42,11 @@ def build_models(other_repos, static=False):
         models["mosaic static"] = infer.ours_static().to(infer.DEVICE, infer.DTYPE).eval()
     torch.manual_seed(0)
     models["BERT sdpa"] = infer.hf_bert().to(infer.DEVICE, infer.DTYPE).eval()
+    for name in variants:
+        torch.manual_seed(0)
+        module, forward = infer.VARIANTS[name][0]()
+        module.to(infer.DEVICE, infer.DTYPE).eval()
+        models[name] = forward
     return models
 
 
@@ -63,6 +72,10 @@ class Timer:
         return self.begin.elapsed_time(self.end)
 
 
+def _mode(name):
+    return "reduce-overhead" if name.endswith("reduce-overhead") else None
+
+
 def time_rounds(models, rows, rounds, forwards, warmup=5):
     """{(row, model): [ms per forward of each round]}."""
     batches = {row: infer.make_batch(row)[0] for row in rows}
@@ -73,6 +86,7 @@ def time_rounds(models, rows, rounds, forwards, warmup=5):
         for row in rows:
             for name in names:
                 for _ in range(warmup):
+                    infer.mark_step(_mode(name))
                     models[name](**batches[row])
         if timer.cuda:
             torch.cuda.synchronize()
@@ -80,9 +94,10 @@ def time_rounds(models, rows, rounds, forwards, warmup=5):
             order = names[r % len(names):] + names[: r % len(names)]
             for row in rows:
                 for name in order:
-                    model, batch = models[name], batches[row]
+                    model, batch, mode = models[name], batches[row], _mode(name)
                     timer.start()
                     for _ in range(forwards):
+                        infer.mark_step(mode)
                         model(**batch)
                     times[(row, name)].append(timer.stop() / forwards)
     return times
@@ -105,6 +120,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forwards", type=int, default=20, help="forwards per model, row and round")
     parser.add_argument("--static", action="store_true", help="also this checkout with static_shapes=True")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(infer.VARIANTS), metavar="NAME",
+                        help="models of bench/infer.py to time beside them, compiled ones included")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: fp32, tiny models and batches, 2 rounds")
     args = parser.parse_args()
     if args.smoke:  # as bench/infer.py --smoke
@@ -112,8 +129,11 @@ def main():
         args.rounds, args.forwards = 2, 1
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
+    if args.variants:  # MosaicBERT unpads: nonzero's data-dependent size is captured in the graph, as in infer.py
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        torch._dynamo.config.capture_scalar_outputs = True
     rows = [r for r in infer.ROWS if any(s in r for s in args.rows)]
-    models = build_models(args.repo, args.static)
+    models = build_models(args.repo, args.static, args.variants)
     times = time_rounds(models, rows, args.rounds, args.forwards, warmup=1 if args.smoke else 5)
     device = torch.cuda.get_device_name() if infer.DEVICE == "cuda" else "cpu"
     print(f"{device}, torch {torch.__version__}; {args.rounds} rounds of {args.forwards} forwards; "
