@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_ops  # noqa: E402
+from gated_bwd_gemm import _keep_tile  # noqa: E402
 
 if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
     sys.exit("needs triton with host TMA descriptors and tl.range(flatten=...)")
@@ -42,6 +43,8 @@ import triton.language as tl  # noqa: E402
 
 TensorDescriptor = fused_ops.TensorDescriptor
 HIDDEN, INTER = 768, 3072
+DROPOUT_P = 0.1  # the "+ dropout" design's drop probability (MosaicBERT-base's hidden_dropout_prob)
+SEED = None  # its Philox seed: a (1,) int64 tensor on the device, set by main() / smoke()
 
 
 @triton.jit
@@ -74,11 +77,12 @@ def _gelu_times_erf(gate, value):
 
 @triton.jit
 def _variant_kernel(
-    x_desc, w_desc, value_desc, out_desc, pre_desc, t, inter, hidden, num_programs,
+    x_desc, w_desc, value_desc, out_desc, pre_desc, t, inter, hidden, num_programs, seed_ptr, dropout_p, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MODE: tl.constexpr,  # 0: two dots; 1: one dot, (2, i, n) view; 2: one dot, interleaved copy
     FLAT: tl.constexpr, SPLIT: tl.constexpr, SAVE: tl.constexpr, WS: tl.constexpr,
     GELU: tl.constexpr,  # 0: gate * value; 1: the shipped GELU(gate) * value; 2: rational erfc; 3: erf
+    DROPOUT: tl.constexpr = False,  # the output's dropout mask from Philox, as `fused_ops._gated_gelu_fwd_kernel`
 ):
     num_tiles = tl.cdiv(t, BLOCK_M) * tl.cdiv(inter, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLAT, warp_specialize=WS):
@@ -110,6 +114,9 @@ def _variant_kernel(
             out = _gelu_times_erf(gate, value)
         else:
             out = gate * value
+        if DROPOUT:
+            keep = _keep_tile(tl.load(seed_ptr), row0, col0, inter, dropout_p, BLOCK_M, BLOCK_N)
+            out = tl.where(keep, out * scale, 0.0)
         out = out.to(out_desc.dtype)
         if SPLIT:
             left, right = out.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
@@ -125,7 +132,7 @@ def interleave_blocks(weight, block_n):
     return weight.view(2, inter // block_n, block_n, hidden).transpose(0, 1).reshape(2 * inter, hidden).contiguous()
 
 
-def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=False, gelu=1, copy=None):
+def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=False, gelu=1, copy=None, dropout=False):
     """Run one design; returns the (t, i) output, and the (t, 2 * i) pre-activations with save."""
     block_m, block_n, block_k, group_m, stages, warps, *per_sm = config
     t, hidden = x.shape
@@ -145,8 +152,9 @@ def variant(x, weight, config, mode, flat=False, split=False, save=False, ws=Fal
     _variant_kernel[(programs,)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]), w_desc, value_desc, out_desc,
         TensorDescriptor.from_tensor(pre, [block_m, block_n]) if save else out_desc,
-        t, inter, hidden, programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, MODE=mode,
-        FLAT=flat, SPLIT=split, SAVE=save, WS=ws, GELU=gelu, num_stages=stages, num_warps=warps,
+        t, inter, hidden, programs, SEED if dropout else x, DROPOUT_P, fused_ops._dropout_scale(DROPOUT_P),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, MODE=mode,
+        FLAT=flat, SPLIT=split, SAVE=save, WS=ws, GELU=gelu, DROPOUT=dropout, num_stages=stages, num_warps=warps,
     )
     return (out, pre) if save else out
 
@@ -161,6 +169,7 @@ DESIGNS = {
     "one dot, copy + flat + split": dict(mode=2, flat=True, split=True),
     "one dot, copy + save": dict(mode=2, save=True),
     "one dot, view + flat + save": dict(mode=1, flat=True, save=True),
+    "one dot, view + flat + save + dropout": dict(mode=1, flat=True, save=True, dropout=True),
     "one dot, view + ws": dict(mode=1, ws=True),
     "one dot, view + flat + ws": dict(mode=1, flat=True, ws=True),
     "one dot, view + flat, no GELU": dict(mode=1, flat=True, gelu=0),
@@ -170,11 +179,15 @@ DESIGNS = {
 CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 16, 4, 8)]
 
 
-def reference(x, weight, gelu=1):
+def reference(x, weight, gelu=1, dropout=False):
     pre = x.double() @ weight.double().T
     inter = weight.shape[0] // 2
     gate = F.gelu(pre[:, :inter]) if gelu else pre[:, :inter]
-    return gate * pre[:, inter:], pre
+    out = gate * pre[:, inter:]
+    if dropout:  # the gated GELU kernel's mask for this seed, read back from its output on all-fours input
+        keep = fused_ops._gated_gelu_forward(torch.full_like(pre, 4.0).to(x.dtype), SEED, DROPOUT_P) != 0
+        out = torch.where(keep, out / (1 - DROPOUT_P), 0.0)
+    return out, pre
 
 
 def check(x, weight, config, design, tolerance):
@@ -182,7 +195,7 @@ def check(x, weight, config, design, tolerance):
     copy = interleave_blocks(weight, config[1]) if design.get("mode") == 2 else None
     result = variant(x, weight, config, copy=copy, **design)
     out, pre = result if design.get("save") else (result, None)
-    ref_out, ref_pre = reference(x, weight, design.get("gelu", 1))
+    ref_out, ref_pre = reference(x, weight, design.get("gelu", 1), design.get("dropout", False))
     err = (out.double() - ref_out).abs().max().item()
     if pre is not None:
         err = max(err, (pre.double() - ref_pre).abs().max().item())
@@ -191,6 +204,8 @@ def check(x, weight, config, design, tolerance):
 
 def smoke():
     """CPU, interpreter: every design on sizes with ragged edges in every direction, fp32 and fp16."""
+    global SEED
+    SEED = torch.tensor([1234], dtype=torch.int64)
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(70, 64, generator=g).to(dtype)
@@ -224,10 +239,12 @@ def print_resources(designs, configs):
                          "value_desc": f"tensordesc<bf16{w_block}>",
                          "out_desc": f"tensordesc<bf16[{block_m},{block_n // 2 if design.get('split') else block_n}]>",
                          "pre_desc": f"tensordesc<bf16[{block_m},{block_n}]>", "t": "i32", "inter": "i32",
-                         "hidden": "i32", "num_programs": "i32"}
+                         "hidden": "i32", "num_programs": "i32", "seed_ptr": "*i64", "dropout_p": "fp32",
+                         "scale": "fp32"}
             constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, MODE=mode,
                               FLAT=design.get("flat", False), SPLIT=design.get("split", False),
-                              SAVE=design.get("save", False), WS=design.get("ws", False), GELU=design.get("gelu", 1))
+                              SAVE=design.get("save", False), WS=design.get("ws", False), GELU=design.get("gelu", 1),
+                              DROPOUT=design.get("dropout", False))
             signature.update(dict.fromkeys(constexprs, "constexpr"))
             try:
                 kernel = compile_for(_variant_kernel, signature, constexprs, 90, num_warps=warps, num_stages=stages)
@@ -260,6 +277,8 @@ def main():
         parser.error("needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
     from gated_gemm import gpu_us
 
+    global SEED
+    SEED = torch.tensor([77], dtype=torch.int64, device="cuda")
     torch.manual_seed(0)
     weight = torch.randn(2 * INTER, HIDDEN, device="cuda", dtype=torch.bfloat16) * HIDDEN ** -0.5
     xs = {rows: torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) for rows in args.rows}
@@ -268,7 +287,9 @@ def main():
     print("| variant (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps[, programs a SM]) | "
           + " | ".join(f"{r} rows" for r in args.rows) + " |\n|---|" + "---:|" * len(args.rows))
     baselines = [("cuBLAS Linear alone", lambda x: F.linear(x, weight)),
-                 ("cuBLAS Linear + gated GELU kernel", lambda x: fused_ops._gated_gelu_forward(F.linear(x, weight)))]
+                 ("cuBLAS Linear + gated GELU kernel", lambda x: fused_ops._gated_gelu_forward(F.linear(x, weight))),
+                 (f"cuBLAS Linear + gated GELU kernel with dropout {DROPOUT_P} (a training forward)",
+                  lambda x: fused_ops._gated_gelu_forward(F.linear(x, weight), SEED, DROPOUT_P))]
     for name, fn in baselines:
         print(f"| {name} | " + " | ".join(f"{gpu_us(lambda x=x: fn(x)):.1f}" for x in xs.values()) + " |", flush=True)
     small = torch.randn(300, HIDDEN, device="cuda", dtype=torch.bfloat16)
