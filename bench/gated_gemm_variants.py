@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fused_ops  # noqa: E402
 from gated_bwd_gemm import _keep_tile  # noqa: E402
+
+import fused_ops  # noqa: E402
 
 if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
     sys.exit("needs triton with host TMA descriptors and tl.range(flatten=...)")

@@ -51,6 +51,15 @@ def test_latency_ab_smoke_times_every_model_on_every_row(tmp_path):
     assert all(float(cells[5]) == 1.0 for cells in lines if cells[2].strip() == "BERT sdpa")
 
 
+
+def test_latency_ab_times_compiled_variants_in_the_rotation(tmp_path):
+    # --variants adds bench/infer.py's models by name; in --smoke a compiled one traces with backend="eager"
+    variants = ["mosaic static compile reduce-overhead", "BERT sdpa compile"]
+    stdout = run(["bench/latency_ab.py", "--smoke", "--rows", "fixed", "--variants", *variants], tmp_path)
+    lines = [line.split("|") for line in stdout.splitlines() if line.startswith("| fixed")]
+    assert sorted(cells[2].strip() for cells in lines) == sorted(["mosaic", "BERT sdpa", *variants])
+    assert all(float(cells[3]) > 0 for cells in lines)
+
 def test_sync_count_reads_the_debug_mode_warnings():
     def forward():
         warnings.warn("called a synchronizing CUDA operation")  # the text torch's sync debug mode emits
@@ -97,6 +106,21 @@ def test_gated_gemm_variants_smoke_checks_every_design(tmp_path):
 
     assert len(lines) == 2 * len(gated_gemm_variants.DESIGNS) and all(line.endswith("ok") for line in lines)
 
+
+
+def test_gated_bwd_gemm_smoke_matches_float64(tmp_path):
+    # The fused GLU-backward GEMM prototype against float64, with and without dropout, in the interpreter
+    sys.path.insert(0, str(REPO))
+    import fused_ops
+
+    if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
+        pytest.skip("needs triton with host TMA descriptors and tl.range(flatten=...)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "bench/gated_bwd_gemm.py", "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "relative max error" in line]
+    assert len(lines) == 8 and all(line.endswith("ok") for line in lines)
 
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["pytorch-path", "kernel-path"])
