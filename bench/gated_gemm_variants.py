@@ -13,7 +13,8 @@ Variants (each a `tl.range` persistent loop over (BLOCK_M, BLOCK_N) output tiles
 - "one dot, copy": the same from a copy of the weight whose rows are interleaved block by block (gate block j, then
   value block j), read with 2-D (2 * BLOCK_N, BLOCK_K) blocks;
 - "+ flat": the tile and k loops pipelined as one (`tl.range(flatten=True)`); "+ split": the tile stored in two
-  halves; "+ save": the (t, 2 * i) pre-activations stored as well (what a training forward would keep); "+ ws":
+  halves; "+ save": the (t, 2 * i) pre-activations stored as well (what a training forward would keep); "+ dropout":
+  the output's dropout mask (p = DROPOUT_P) from Philox in the epilogue, as the gated GELU kernel draws it; "+ ws":
   the tile loop warp-specialized (`tl.range(warp_specialize=True)`: loads, dots and epilogue in separate warps,
   where the Triton build supports it on the GPU); "no GELU": gate * value, to time the GELU's share of the epilogue;
   "rational erfc": GELU from a branch-free rational-exponential erfc instead of the shipped `fused_ops._gelu_times`
