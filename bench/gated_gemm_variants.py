@@ -34,17 +34,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gated_bwd_gemm import _keep_tile  # noqa: E402
-
 import fused_ops  # noqa: E402
 
 if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
     sys.exit("needs triton with host TMA descriptors and tl.range(flatten=...)")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from gated_bwd_gemm import HIDDEN, INTER, TensorDescriptor, _keep_tile, keep_mask  # noqa: E402
 
-TensorDescriptor = fused_ops.TensorDescriptor
-HIDDEN, INTER = 768, 3072
 DROPOUT_P = 0.1  # the "+ dropout" design's drop probability (MosaicBERT-base's hidden_dropout_prob)
 SEED = None  # its Philox seed: a (1,) int64 tensor on the device, set by main() / smoke()
 
@@ -186,8 +183,8 @@ def reference(x, weight, gelu=1, dropout=False):
     inter = weight.shape[0] // 2
     gate = F.gelu(pre[:, :inter]) if gelu else pre[:, :inter]
     out = gate * pre[:, inter:]
-    if dropout:  # the gated GELU kernel's mask for this seed, read back from its output on all-fours input
-        keep = fused_ops._gated_gelu_forward(torch.full_like(pre, 4.0).to(x.dtype), SEED, DROPOUT_P) != 0
+    if dropout:  # the gated GELU kernel's mask for this seed
+        keep = keep_mask(pre.shape[0], inter, SEED, DROPOUT_P, x.device)
         out = torch.where(keep, out / (1 - DROPOUT_P), 0.0)
     return out, pre
 

@@ -90,37 +90,33 @@ def test_eval_length_prints_one_row_per_length(tmp_path):
         assert loss > 0 and 0 <= accuracy <= 100
 
 
-def test_gated_gemm_variants_smoke_checks_every_design(tmp_path):
-    # Every design of the gated GEMM benchmark against float64, in the interpreter (ragged edges, fp32 and fp16)
+def interpreter_smoke(script, marker):
+    """Run a TMA-kernel benchmark's --smoke under the interpreter; its result lines (those containing marker)."""
     sys.path.insert(0, str(REPO))
     import fused_ops
 
     if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
         pytest.skip("needs triton with host TMA descriptors and tl.range(flatten=...)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "bench/gated_gemm_variants.py", "--smoke"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, script, "--smoke"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "max error" in line]
+    return [line for line in result.stdout.splitlines() if marker in line]
+
+
+def test_gated_gemm_variants_smoke_checks_every_design(tmp_path):
+    # Every design of the gated GEMM benchmark against float64, in the interpreter (ragged edges, fp32 and fp16)
+    lines = interpreter_smoke("bench/gated_gemm_variants.py", "max error")
     import gated_gemm_variants
 
     assert len(lines) == 2 * len(gated_gemm_variants.DESIGNS) and all(line.endswith("ok") for line in lines)
 
 
-
 def test_gated_bwd_gemm_smoke_matches_float64(tmp_path):
     # The fused GLU-backward GEMM prototype against float64, with and without dropout, in the interpreter
-    sys.path.insert(0, str(REPO))
-    import fused_ops
-
-    if not fused_ops.HAS_TRITON or fused_ops.TensorDescriptor is None:
-        pytest.skip("needs triton with host TMA descriptors and tl.range(flatten=...)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "bench/gated_bwd_gemm.py", "--smoke"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "relative max error" in line]
+    lines = interpreter_smoke("bench/gated_bwd_gemm.py", "relative max error")
     assert len(lines) == 8 and all(line.endswith("ok") for line in lines)
+
 
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["pytorch-path", "kernel-path"])
